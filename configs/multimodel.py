@@ -1,0 +1,148 @@
+"""The MultiModel configs. `get_config(arg)` with variants picked by the arg string.
+
+  --config=configs/multimodel.py          CPU default: embedded 8-task mixture, small model
+  --config=configs/multimodel.py:tiny     seconds-scale model and data, for tests
+  --config=configs/multimodel.py:paper    the paper's 8-task setting (TFDS, d=1536, 120 experts)
+
+Modifiers may follow the size after commas, e.g. `:default,no_moe`, `:default,no_attention`
+or `:tiny,tasks=image_classification+translate_en_de`. Anything else is a
+`--config.field=value` override on the command line.
+"""
+
+import ml_collections
+
+ALL_TASKS = (
+  "image_classification",
+  "image_captioning",
+  "speech_recognition",
+  "constituency_parsing",
+  "translate_en_de",
+  "translate_de_en",
+  "translate_en_fr",
+  "translate_fr_en",
+)
+
+
+def _model(size: str) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.d = {"tiny": 32, "default": 128, "paper": 1536}[size]
+  m.num_heads = {"tiny": 2, "default": 4, "paper": 16}[size]
+  m.dropout = {"tiny": 0.0, "default": 0.1, "paper": 0.2}[size]
+  # ConvBlock: two residual groups of ConvSteps; (kernel, dilation) per step.
+  m.conv_group1 = ((3, 1), (3, 1))
+  m.conv_group2 = ((15, 1), (15, 4))
+  m.encoder_blocks_before_ffn = 2
+  m.encoder_blocks_after_ffn = 4
+  m.decoder_blocks_before_ffn = 2
+  m.decoder_blocks_after_ffn = 2
+  if size == "tiny":
+    m.encoder_blocks_before_ffn = 1
+    m.encoder_blocks_after_ffn = 1
+    m.decoder_blocks_before_ffn = 1
+    m.decoder_blocks_after_ffn = 1
+  m.use_attention = True
+  m.ffn = "moe"  # "moe" | "dense" (the paper's "without MoE" ablation)
+  m.dense_ffn_hidden = 4 * m.d
+  # Output spaces that get a learned "To-..." embedding at the decoder's first position.
+  m.target_spaces = ("en", "de", "fr", "parse", "class")
+  m.vocab_size = {"tiny": 256, "default": 4000, "paper": 32000}[size]
+  # Image entry flow widths are min(128, d), min(256, d), d (DESIGN.md §1).
+  m.image_channels = 3
+  m.audio_num_mel_bins = 80 if size == "paper" else 40
+  m.audio_blocks = 2  # residual blocks each striding time by 2
+  m.dtype = "float32"  # activations; parameters are always float32
+  m.param_dtype = "float32"
+
+  moe = ml_collections.ConfigDict()
+  moe.num_experts = {"tiny": 4, "default": 8, "paper": 120}[size]
+  moe.k = 2
+  moe.hidden = {"tiny": 64, "default": 256, "paper": 8192}[size]
+  moe.capacity_factor_train = 1.25
+  moe.capacity_factor_eval = 2.0
+  moe.group_size = {"tiny": 64, "default": 1024, "paper": 4096}[size]  # tokens per routing group
+  moe.noisy_gating = True
+  moe.balance_loss = "cv"  # "cv" (Shazeer et al.) | "switch"
+  moe.balance_coef = 0.01
+  moe.z_loss_coef = 0.0
+  moe.dispatch = "capacity"  # "capacity" | "dropless"
+  m.moe = moe
+  return m
+
+
+def _data(size: str) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.mixture = "paper" if size == "paper" else "embedded"
+  d.tasks = ",".join(ALL_TASKS)
+  d.data_dir = ml_collections.FieldReference(
+    None, field_type=str
+  )  # None: ~/.cache/mm_jax (embedded)
+  d.embedded_scale = {"tiny": "tiny", "default": "full", "paper": "full"}[size]
+  d.global_batch_size = {"tiny": 64, "default": 256, "paper": 2048}[size]
+  # Relative mixing weights; a task's batch size is proportional to its weight.
+  d.weights = ml_collections.ConfigDict({t: 1.0 for t in ALL_TASKS})
+  d.max_text_length = {"tiny": 32, "default": 64, "paper": 256}[size]
+  d.max_audio_frames = {"tiny": 128, "default": 400, "paper": 1600}[size]
+  d.image_size = {"tiny": 28, "default": 28, "paper": 224}[size]
+  d.caption_image_size = {"tiny": 32, "default": 64, "paper": 224}[size]
+  d.shuffle_buffer = {"tiny": 256, "default": 10_000, "paper": 100_000}[size]
+  d.tokenizer_vocab_size = ml_collections.FieldReference(0)  # tied to model.vocab_size below
+  d.seed = 0
+  return d
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  parts = [p for p in (arg or "default").split(",") if p]
+  size = parts[0] if parts and parts[0] in ("tiny", "default", "paper") else "default"
+  modifiers = parts[1:] if parts and parts[0] == size else parts
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = _model(size)
+  c.data = _data(size)
+  c.data.tokenizer_vocab_size = c.model.get_ref("vocab_size")
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
+  if size == "paper":
+    c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 8, "model": 1})
+
+  o = ml_collections.ConfigDict()
+  o.learning_rate = {"tiny": 1e-3, "default": 2e-3, "paper": 0.05 / 1536**0.5}[size]
+  o.warmup_steps = {"tiny": 10, "default": 200, "paper": 4000}[size]
+  o.decay = "rsqrt"  # "rsqrt" | "cosine" | "constant"
+  o.b1 = 0.85
+  o.b2 = 0.997
+  o.eps = 1e-6
+  o.grad_clip_norm = 2.0
+  o.weight_decay = 0.0
+  c.optimizer = o
+
+  t = ml_collections.ConfigDict()
+  t.num_steps = {"tiny": 20, "default": 3000, "paper": 250_000}[size]
+  t.label_smoothing = 0.1
+  t.log_every = {"tiny": 5, "default": 50, "paper": 100}[size]
+  t.eval_every = {"tiny": 10, "default": 1000, "paper": 10_000}[size]
+  t.eval_batches = {"tiny": 2, "default": 8, "paper": 50}[size]
+  t.checkpoint_every = {"tiny": 10, "default": 500, "paper": 2000}[size]
+  t.keep_checkpoints = 3
+  t.max_consecutive_nonfinite = 5
+  c.train = t
+
+  dec = ml_collections.ConfigDict()
+  dec.beam_size = 1
+  dec.length_penalty = 0.6
+  dec.max_decode_length = c.data.get_ref("max_text_length")
+  c.decode = dec
+
+  for mod in modifiers:
+    if mod == "no_moe":
+      c.model.ffn = "dense"
+    elif mod == "no_attention":
+      c.model.use_attention = False
+    elif mod.startswith("tasks="):
+      c.data.tasks = mod.split("=", 1)[1].replace("+", ",")
+    else:
+      raise ValueError(
+        f"configs/multimodel.py: unknown variant {mod!r}: use tiny|default|paper, no_moe, "
+        "no_attention, tasks=a+b"
+      )
+  return c

@@ -1,0 +1,1 @@
+"""mm_jax: the MultiModel of "One Model To Learn Them All" as a JAX/Flax trainer."""

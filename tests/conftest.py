@@ -1,0 +1,23 @@
+"""Test session set-up: 8 forced CPU devices, before anything imports jax."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow is used for tf.data only: keep it off any accelerator and quiet.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def devices():
+  devs = jax.devices()
+  assert len(devs) == 8, f"expected 8 forced CPU devices, got {len(devs)}"
+  return devs
