@@ -8,6 +8,7 @@ parallelism is a config change, never a model change.
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 

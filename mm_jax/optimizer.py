@@ -1,0 +1,40 @@
+"""Adam with global-norm clipping and a warm-up/decay schedule, all from `config.optimizer`."""
+
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
+  """Linear warm-up, then rsqrt (T2T's default), cosine, or constant."""
+  peak = opt_config.learning_rate
+  warmup = max(int(opt_config.warmup_steps), 1)
+  decay = opt_config.decay
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32) + 1.0
+    warm = jnp.minimum(step / warmup, 1.0)
+    if decay == "rsqrt":
+      after = jnp.sqrt(warmup / jnp.maximum(step, warmup))
+    elif decay == "cosine":
+      progress = jnp.clip((step - warmup) / max(num_steps - warmup, 1), 0.0, 1.0)
+      after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    else:  # "constant"; other values are rejected by config validation
+      after = 1.0
+    return peak * warm * after
+
+  return schedule
+
+
+def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  adam = optax.adamw if opt_config.weight_decay else optax.adam
+  kwargs = {"weight_decay": opt_config.weight_decay} if opt_config.weight_decay else {}
+  return optax.chain(
+    optax.clip_by_global_norm(opt_config.grad_clip_norm),
+    adam(
+      learning_rate_schedule(opt_config, num_steps),
+      b1=opt_config.b1,
+      b2=opt_config.b2,
+      eps=opt_config.eps,
+      **kwargs,
+    ),
+  )
