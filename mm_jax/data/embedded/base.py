@@ -36,6 +36,31 @@ def stable_order(keys: Iterable[str], salt: str) -> list[str]:
   return sorted(set(keys), key=lambda k: (unit_hash(k, salt), k))
 
 
+def fill_splits(
+  keyed_items: Iterable[tuple[str, object]],
+  num_train: int,
+  num_test: int,
+  *,
+  held_out_fraction: float,
+  salt: str,
+  repeat_train_keys: bool = False,
+) -> dict[str, list]:
+  """Routes an endless stream of (key, item) to "test" when the key is held out, else to "train",
+  until each split is full; a key appears at most once per split unless repeat_train_keys."""
+  wanted = {"train": num_train, "test": num_test}
+  splits = {"train": [], "test": []}
+  seen = {"train": set(), "test": set()}
+  for key, item in keyed_items:
+    split = "test" if is_held_out(key, held_out_fraction, salt) else "train"
+    repeats_ok = split == "train" and repeat_train_keys
+    if len(splits[split]) < wanted[split] and (repeats_ok or key not in seen[split]):
+      seen[split].add(key)
+      splits[split].append(item)
+    if all(len(splits[s]) == wanted[s] for s in splits):
+      return splits
+  raise ValueError(f"the stream ended before {wanted} examples were found")
+
+
 class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A local builder whose size is set by `scale`; subclasses give SIZES[scale] = (train, test)."""
 

@@ -11,6 +11,7 @@ the task learnable at CPU scale. A scene's key is its emoji pair and relation ("
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import os
 import random
 
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mm_jax.data.embedded.base import EmbeddedBuilder, is_held_out
+from mm_jax.data.embedded.base import EmbeddedBuilder, fill_splits
 from mm_jax.data.embedded.english import indefinite_article
 
 CANVAS = 64
@@ -168,16 +169,14 @@ def sample_scenes(seed: int, num_train: int, num_test: int) -> dict[str, list[Sc
   """Scenes with distinct keys, split by key."""
   rng = random.Random(seed)
   num_emoji = len(emoji_inventory())
-  used, splits = set(), {"train": [], "test": []}
-  wanted = {"train": num_train, "test": num_test}
-  while any(len(splits[s]) < wanted[s] for s in splits):
-    scene = random_scene(rng, num_emoji)
-    key = scene.key()
-    split = "test" if is_held_out(key, HELD_OUT_FRACTION, salt="captions") else "train"
-    if key not in used and len(splits[split]) < wanted[split]:
-      used.add(key)
-      splits[split].append(scene)
-  return splits
+  scenes = (random_scene(rng, num_emoji) for _ in itertools.count())
+  return fill_splits(
+    ((scene.key(), scene) for scene in scenes),
+    num_train,
+    num_test,
+    held_out_fraction=HELD_OUT_FRACTION,
+    salt="captions",
+  )
 
 
 class MmEmbeddedCaptions(EmbeddedBuilder):

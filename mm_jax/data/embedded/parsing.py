@@ -12,27 +12,26 @@ import random
 import tensorflow_datasets as tfds
 
 from mm_jax.data.embedded import english
-from mm_jax.data.embedded.base import EmbeddedBuilder, is_held_out
+from mm_jax.data.embedded.base import EmbeddedBuilder, fill_splits
 
 MIN_WORDS, MAX_WORDS = 3, 16  # punctuation included; keeps linearised trees within ~64 tokens
 HELD_OUT_FRACTION = 0.05
 
 
-def sample_trees(seed: int, num_train: int, num_test: int) -> dict[str, list[english.Tree]]:
+def _keyed_trees(seed: int):
   generator = english.Generator(random.Random(seed), english.PARSING)
-  seen, splits = set(), {"train": [], "test": []}
-  wanted = {"train": num_train, "test": num_test}
-  while any(len(splits[s]) < wanted[s] for s in splits):
+  while True:
     tree = generator.sentence()
     words = english.leaves(tree)
-    sentence = " ".join(words)
-    if not MIN_WORDS <= len(words) <= MAX_WORDS or sentence in seen:
-      continue
-    split = "test" if is_held_out(sentence, HELD_OUT_FRACTION, salt="parsing") else "train"
-    if len(splits[split]) < wanted[split]:
-      seen.add(sentence)
-      splits[split].append(tree)
-  return splits
+    if MIN_WORDS <= len(words) <= MAX_WORDS:
+      yield " ".join(words), tree
+
+
+def sample_trees(seed: int, num_train: int, num_test: int) -> dict[str, list[english.Tree]]:
+  """Distinct sentences, split by sentence."""
+  return fill_splits(
+    _keyed_trees(seed), num_train, num_test, held_out_fraction=HELD_OUT_FRACTION, salt="parsing"
+  )
 
 
 class MmEmbeddedParsing(EmbeddedBuilder):

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mm_jax.data.embedded import english, espeak
-from mm_jax.data.embedded.base import EmbeddedBuilder, is_held_out
+from mm_jax.data.embedded.base import EmbeddedBuilder, fill_splits
 
 MAX_SECONDS = 3.5
 MIN_WORDS, MAX_WORDS = 3, 7
@@ -66,15 +66,14 @@ def voice_for(split: str, index: int, seed: int) -> espeak.Voice:
 
 def split_sentences(seed: int, num_train: int, num_test: int) -> dict[str, list[str]]:
   """Train sentences (repeats allowed, other voices) and distinct held-out ones, never shared."""
-  train, test = [], []
-  for text in speech_sentences(seed):
-    if is_held_out(text, HELD_OUT_FRACTION, salt="speech"):
-      if len(test) < num_test and text not in test:
-        test.append(text)
-    elif len(train) < num_train:
-      train.append(text)
-    if len(train) == num_train and len(test) == num_test:
-      return {"train": train, "test": test}
+  return fill_splits(
+    ((text, text) for text in speech_sentences(seed)),
+    num_train,
+    num_test,
+    held_out_fraction=HELD_OUT_FRACTION,
+    salt="speech",
+    repeat_train_keys=True,
+  )
 
 
 class MmEmbeddedSpeech(EmbeddedBuilder):
