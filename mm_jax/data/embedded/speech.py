@@ -38,8 +38,8 @@ class RawAudio(tfds.features.Audio):
   this subclass puts it back. Reading is unchanged: an int16 tensor [num_samples].
   """
 
-  def __init__(self, **kwargs):
-    super().__init__(encoding=tfds.features.Encoding.BYTES, **kwargs)
+  def __init__(self, *, encoding=tfds.features.Encoding.BYTES, **kwargs):
+    super().__init__(encoding=encoding, **kwargs)
 
   def encode_example(self, audio):
     return tfds.features.Tensor.encode_example(self, np.asarray(audio, dtype=np.int16))
