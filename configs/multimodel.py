@@ -31,6 +31,8 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # ConvBlock: two residual groups of ConvSteps; (kernel, dilation) per step.
   m.conv_group1 = ((3, 1), (3, 1))
   m.conv_group2 = ((15, 1), (15, 4))
+  # Attention queries: two causal ConvSteps (kernel, dilation) over the decoder stream + timing.
+  m.attention_query_convs = ((5, 1), (5, 4))
   m.encoder_blocks_before_ffn = 2
   m.encoder_blocks_after_ffn = 4
   m.decoder_blocks_before_ffn = 2
@@ -86,6 +88,12 @@ def _data(size: str) -> ml_collections.ConfigDict:
   d.caption_image_size = {"tiny": 32, "default": 64, "paper": 224}[size]
   d.shuffle_buffer = {"tiny": 256, "default": 10_000, "paper": 100_000}[size]
   d.tokenizer_vocab_size = ml_collections.FieldReference(0)  # tied to model.vocab_size below
+  # Sentences read per dataset to train the shared sentencepiece model (first run only).
+  d.tokenizer_sentences_per_task = {"tiny": 20_000, "default": 100_000, "paper": 300_000}[size]
+  d.text_overlength = "truncate"  # "truncate" | "drop": over-long text (always counted)
+  d.parse_pos_tags = "keep"  # "keep" | "xx": POS tags in linearised parse trees
+  # Penn Treebank .mrg directory (LDC licence) for the paper mixture's parsing task.
+  d.ptb_dir = ml_collections.FieldReference(None, field_type=str)
   d.seed = 0
   return d
 

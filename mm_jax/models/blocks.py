@@ -1,0 +1,278 @@
+"""The body's building blocks: separable convolutions, ConvStep, ConvBlock and attention.
+
+Sequences are [batch, length, channels]; modality nets reuse the same pieces on 2-D grids
+[batch, height, width, channels]. Padding is either "same" (encoder: sees both sides, with padded
+positions zeroed first so that appended padding never changes real positions) or "causal" (mixer and
+decoder: padded on the left only, so no position sees the future).
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# K shifted slices multiplied and summed beat XLA's grouped conv_general_dilated on CPU
+# (bench/model.py measures both); "grouped" stays available for other backends.
+DEPTHWISE_IMPL = "shifted"
+
+EMBED_AXES = ("batch", "length", "embed")
+
+
+def _spatial_names(ndim: int) -> tuple[str, ...]:
+  return ("conv_kernel",) if ndim == 1 else ("height", "width")
+
+
+def conv_padding(kernel: int, dilation: int, padding: str) -> tuple[int, int]:
+  """(left, right) zeros for one spatial axis so that output length equals input length."""
+  total = (kernel - 1) * dilation
+  if padding == "causal":
+    return total, 0
+  if padding == "same":
+    return total // 2, total - total // 2
+  raise ValueError(f"padding={padding!r}: use 'same' or 'causal'")
+
+
+def depthwise_shifted(x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]]):
+  """Depthwise conv as a sum of shifted slices times per-channel taps (memory-bound, no im2col)."""
+  spatial = x.shape[1:-1]
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  out = None
+  for tap in np.ndindex(*kernel.shape[:-1]):
+    start = [0] + [t * r for t, r in zip(tap, dilation)] + [0]
+    sizes = (x.shape[0], *spatial, x.shape[-1])
+    piece = jax.lax.slice(x, start, [s + n for s, n in zip(start, sizes)])
+    term = piece * kernel[tap]
+    out = term if out is None else out + term
+  return out
+
+
+def depthwise_grouped(x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]]):
+  """Depthwise conv through XLA's grouped convolution (one group per channel)."""
+  channels = x.shape[-1]
+  spatial = "HW"[: x.ndim - 2] if x.ndim == 4 else "H"
+  dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel[..., None, :],
+    window_strides=(1,) * (x.ndim - 2),
+    padding=tuple(pads),
+    rhs_dilation=tuple(dilation),
+    dimension_numbers=dn,
+    feature_group_count=channels,
+  )
+
+
+DEPTHWISE = {"shifted": depthwise_shifted, "grouped": depthwise_grouped}
+
+
+def zero_padding(x, mask):
+  """Zeros padded positions; mask is [batch, *spatial] (1 = real) or None."""
+  return x if mask is None else x * mask[..., None].astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules."""
+
+  axis_name: str = "embed"
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (c,)
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (c,)
+    )
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(x.dtype)
+
+
+class Dense(nn.Module):
+  """x @ W over the last axis, with logical names for the kernel's two axes."""
+
+  features: int
+  axes: tuple[str, str] = ("embed", "mlp")
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()
+    w = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.axes), (x.shape[-1], self.features)
+    )
+    y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+    if self.use_bias:
+      b = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,)
+      )
+      y = y + b.astype(self.dtype)
+    return y
+
+
+class SeparableConv(nn.Module):
+  """Depthwise conv (per channel, dilated) followed by a pointwise projection to `features`."""
+
+  features: int
+  kernel_size: tuple[int, ...]
+  dilation: tuple[int, ...] | None = None
+  padding: str = "same"
+  channel_name: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+  impl: str = DEPTHWISE_IMPL
+
+  @nn.compact
+  def __call__(self, x):
+    dilation = self.dilation or (1,) * len(self.kernel_size)
+    names = (*_spatial_names(len(self.kernel_size)), self.channel_name)
+    fan_in = math.prod(self.kernel_size)
+    taps = self.param(
+      "depthwise",
+      nn.with_logical_partitioning(nn.initializers.normal(fan_in**-0.5), names),
+      (*self.kernel_size, x.shape[-1]),
+    )
+    pads = [conv_padding(k, r, self.padding) for k, r in zip(self.kernel_size, dilation)]
+    y = DEPTHWISE[self.impl](x.astype(self.dtype), taps.astype(self.dtype), dilation, pads)
+    return Dense(self.features, (self.channel_name, "mlp"), dtype=self.dtype, name="pointwise")(y)
+
+
+class ConvStep(nn.Module):
+  """ReLU -> separable conv -> LayerNorm; padded positions are zeroed before the conv."""
+
+  features: int
+  kernel_size: tuple[int, ...]
+  dilation: tuple[int, ...] | None = None
+  padding: str = "same"
+  first_relu: bool = True
+  channel_name: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    if self.first_relu:
+      x = nn.relu(x)
+    x = zero_padding(x, mask)
+    x = SeparableConv(
+      self.features,
+      self.kernel_size,
+      self.dilation,
+      self.padding,
+      self.channel_name,
+      self.dtype,
+      name="conv",
+    )(x)
+    return LayerNorm(self.channel_name, name="norm")(x)
+
+
+def residual(x, y, dropout: float, train: bool, name: str):
+  """LayerNorm(x + dropout(y)): every residual branch in the body joins the stream this way."""
+  y = nn.Dropout(dropout, deterministic=not train)(y)
+  return LayerNorm(name=name)(x + y)
+
+
+class ConvBlock(nn.Module):
+  """Two residual groups of 1-D ConvSteps; each group is a list of (kernel, dilation) pairs."""
+
+  groups: tuple[tuple[tuple[int, int], ...], ...]
+  padding: str = "same"
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool = False):
+    d = x.shape[-1]
+    for g, group in enumerate(self.groups):
+      y = x
+      for s, (kernel, dilation) in enumerate(group):
+        y = ConvStep(
+          d, (kernel,), (dilation,), self.padding, dtype=self.dtype, name=f"group{g}_step{s}"
+        )(y, mask)
+      x = residual(x, y, self.dropout, train, f"group{g}_norm")
+      x = nn.with_logical_constraint(x, EMBED_AXES)
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def _timing_signal(length: int, channels: int, max_timescale: float = 1.0e4) -> np.ndarray:
+  half = channels // 2
+  log_increment = math.log(max_timescale) / max(half - 1, 1)
+  inv = np.exp(-log_increment * np.arange(half, dtype=np.float64))
+  scaled = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
+  signal = np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1)
+  return np.pad(signal, ((0, 0), (0, channels - 2 * half))).astype(np.float32)
+
+
+def add_timing_signal(x):
+  """Adds the sinusoid position signal (a trace-time constant) to [batch, length, channels]."""
+  return x + jnp.asarray(_timing_signal(x.shape[1], x.shape[2]), x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Dot-product attention from queries to a memory, float32 softmax, padded keys masked."""
+
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, memory, memory_mask):
+    d = queries.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"model.d={d} must divide by model.num_heads={self.num_heads}")
+    head = d // self.num_heads
+    init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+
+    def proj(name, x):
+      w = self.param(
+        name,
+        nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+        (d, self.num_heads, head),
+      )
+      return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w.astype(self.dtype))
+
+    q = proj("query", queries) * head**-0.5
+    k = proj("key", memory)
+    v = proj("value", memory)
+    logits = jnp.einsum("bqhk,bmhk->bhqm", q, k, preferred_element_type=jnp.float32)
+    bias = jnp.where(memory_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqm,bmhk->bqhk", weights, v)
+    w_out = self.param(
+      "out",
+      nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")
+      ),
+      (self.num_heads, head, d),
+    )
+    return jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(self.dtype))
+
+
+class AttentionBlock(nn.Module):
+  """LayerNorm(x + attention(queries(x), memory)); queries come from causal convs of x + timing.
+
+  The query convs only look left, so the block keeps the decoder causal; the memory is the
+  encoder output, which any target position may see in full.
+  """
+
+  num_heads: int
+  query_convs: tuple[tuple[int, int], ...] = ((5, 1), (5, 4))
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory, memory_mask, *, train: bool = False):
+    d = x.shape[-1]
+    q = add_timing_signal(x)
+    for s, (kernel, dilation) in enumerate(self.query_convs):
+      q = ConvStep(d, (kernel,), (dilation,), "causal", dtype=self.dtype, name=f"query_step{s}")(q)
+    y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(q, memory, memory_mask)
+    x = residual(x, y, self.dropout, train, "norm")
+    return nn.with_logical_constraint(x, EMBED_AXES)

@@ -1,0 +1,241 @@
+"""Modality nets: map each kind of input into the body's [batch, length, d] and body outputs back.
+
+Strided convs and pools pad by a fixed amount on each side (not TF's length-dependent "SAME"), so a
+position's window never depends on how much padding follows the sequence; padded frames are zeroed
+before every conv and excluded from every max-pool and average, which keeps real positions unchanged
+when padding is appended.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm_jax.models.blocks import EMBED_AXES, ConvStep, Dense, LayerNorm, zero_padding
+
+GRID_AXES = ("batch", "height", "width", "channels")
+
+
+def strided_mask(mask, strides):
+  """Mask of a strided output: position i is real when the input at its window centre i*s is."""
+  if mask is None:
+    return None
+  return mask[(slice(None), *(slice(None, None, s) for s in strides))]
+
+
+def _window_pads(kernel):
+  """Fixed (left, right) pads for any stride s: ceil(n / s) outputs, window i centred on i * s."""
+  return tuple(((k - 1) // 2, k // 2) for k in kernel)
+
+
+def masked_max_pool(x, mask, kernel, strides):
+  """Max-pool over spatial axes where padded positions (and the border) count as -inf."""
+  if mask is not None:
+    x = jnp.where(mask[..., None] > 0, x, -jnp.inf)
+  pads = ((0, 0), *_window_pads(kernel), (0, 0))
+  y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *kernel, 1), (1, *strides, 1), pads)
+  out_mask = strided_mask(mask, strides)
+  # Windows with no real position (only at padded outputs) would be -inf: make them 0.
+  return zero_padding(jnp.where(jnp.isfinite(y), y, 0.0), out_mask), out_mask
+
+
+class Conv(nn.Module):
+  """A full (not separable) conv over a grid, for the stems where channels are few."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()
+    w = self.param(
+      "kernel",
+      nn.with_logical_partitioning(init, ("height", "width", "channels", "mlp")),
+      (*self.kernel_size, x.shape[-1], self.features),
+    )
+    return jax.lax.conv_general_dilated(
+      x.astype(self.dtype),
+      w.astype(self.dtype),
+      self.strides,
+      _window_pads(self.kernel_size),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+class ConvNorm(nn.Module):
+  """[ReLU ->] full conv -> LayerNorm (the stems and the 1x1 residual projections)."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  first_relu: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    if self.first_relu:
+      x = nn.relu(x)
+    x = zero_padding(x, mask)
+    if self.kernel_size == (1, 1):  # A strided 1x1 conv is a slice and a matmul.
+      x = x[:, :: self.strides[0], :: self.strides[1]]
+      y = Dense(self.features, ("channels", "mlp"), dtype=self.dtype, name="conv")(x)
+    else:
+      y = Conv(self.features, self.kernel_size, self.strides, self.dtype, name="conv")(x)
+    return LayerNorm("channels", name="norm")(y)
+
+
+class XceptionBlock(nn.Module):
+  """[ReLU -> separable 3x3 -> LayerNorm] x 2 -> max-pool 3x3 stride s, plus a 1x1 stride-s skip."""
+
+  features: int
+  strides: tuple[int, int]
+  skip_relu: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    kernel = (3, 3)
+    y = x
+    for s in range(2):
+      y = ConvStep(
+        self.features, kernel, channel_name="channels", dtype=self.dtype, name=f"step{s}"
+      )(y, mask)
+    y, out_mask = masked_max_pool(y, mask, kernel, self.strides)
+    skip = ConvNorm(self.features, (1, 1), self.strides, self.skip_relu, self.dtype, name="skip")(
+      x, mask
+    )
+    out = nn.with_logical_constraint(y + skip, GRID_AXES)
+    return zero_padding(out, out_mask), out_mask
+
+
+def image_grid_size(size: int, strides: int = 4) -> int:
+  """Side of the image net's output grid: each of the stem and 3 blocks halves it, rounding up."""
+  for _ in range(strides):
+    size = -(-size // 2)
+  return size
+
+
+class ImageModality(nn.Module):
+  """Xception-like entry flow; the final grid is flattened into a sequence of positions."""
+
+  d: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = ConvNorm(32, (3, 3), (2, 2), first_relu=False, dtype=self.dtype, name="stem0")(images)
+    x = ConvNorm(64, (3, 3), dtype=self.dtype, name="stem1")(x)
+    widths = (min(128, self.d), min(256, self.d), self.d)
+    for i, width in enumerate(widths):
+      x, _ = XceptionBlock(width, (2, 2), skip_relu=i == 0, dtype=self.dtype, name=f"block{i}")(x)
+    b, h, w, c = x.shape
+    x = nn.with_logical_constraint(x.reshape(b, h * w, c), EMBED_AXES)
+    return x, jnp.ones((b, h * w), jnp.float32)
+
+
+def audio_widths(d: int, num_blocks: int) -> tuple[int, ...]:
+  """Channel widths of the audio blocks: few channels, since frequency stays a spatial axis."""
+  return tuple(min(d, 16 * 2**i) for i in range(num_blocks))
+
+
+class AudioModality(nn.Module):
+  """Log-mel frames -> residual blocks striding time by 2 (never frequency) -> [B, T', d].
+
+  Frequency stays a spatial axis through the blocks and is folded into channels only at the end,
+  where one projection maps (mel bins x channels) to d, so the body sees one position per
+  strided frame instead of one per (frame, bin) pair.
+  """
+
+  d: int
+  num_blocks: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames, mask):
+    x = frames[..., None]
+    for i, width in enumerate(audio_widths(self.d, self.num_blocks)):
+      x, mask = XceptionBlock(width, (2, 1), skip_relu=True, dtype=self.dtype, name=f"block{i}")(
+        x, mask[:, :, None]
+      )
+      mask = mask[:, :, 0]
+    b, t, f, c = x.shape
+    x = Dense(self.d, ("channels", "embed"), dtype=self.dtype, name="project")(
+      x.reshape(b, t, f * c)
+    )
+    x = zero_padding(LayerNorm(name="norm")(x), mask)
+    return nn.with_logical_constraint(x, EMBED_AXES), mask
+
+
+class LanguageModality(nn.Module):
+  """Subword embedding x sqrt(d) in, dense projection to the shared vocabulary out (not tied)."""
+
+  vocab_size: int
+  d: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(self.d**-0.5), ("vocab", "embed")),
+      (self.vocab_size, self.d),
+    )
+    self.softmax = Dense(self.vocab_size, ("embed", "vocab"), use_bias=True, name="softmax")
+
+  def embed(self, ids):
+    x = jnp.take(self.embedding, ids, axis=0) * self.d**0.5
+    x = zero_padding(x, (ids != 0).astype(jnp.float32)).astype(self.dtype)
+    return nn.with_logical_constraint(x, EMBED_AXES)
+
+  def logits(self, x):
+    y = self.softmax(x.astype(jnp.float32))
+    return nn.with_logical_constraint(y, ("batch", "length", "vocab"))
+
+  def __call__(self, ids):
+    return self.embed(ids)
+
+
+def sequence_grid(length: int, input_modality: str) -> tuple[int, int]:
+  """The 2-D grid an encoder output came from: images are square grids, sequences are L x 1."""
+  if input_modality != "image":
+    return length, 1
+  side = int(round(length**0.5))
+  if side * side != length:
+    raise ValueError(f"image encoder output of {length} positions is not a square grid")
+  return side, side
+
+
+class CategoricalModality(nn.Module):
+  """Downsampling head (Xception exit flow): residual separable convs, ReLU, mean pool, classes.
+
+  One head per class count, whatever the input modality: sequences come in as L x 1 grids.
+  """
+
+  num_classes: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, grid: tuple[int, int]):
+    b, _, d = x.shape
+    x = x.reshape(b, *grid, d)
+    mask = mask.reshape(b, *grid)
+    # Always 3x3, so one head serves image grids and L x 1 sequences alike (there the outer
+    # columns only ever meet zero padding).
+    kernel = (3, 3)
+    strides = tuple(2 if n > 1 else 1 for n in grid)
+    wide = int(1.25 * d)
+    skip = ConvNorm(wide, kernel, strides, dtype=self.dtype, name="skip")(x, mask)
+    y = ConvStep(d, kernel, channel_name="channels", dtype=self.dtype, name="step0")(x, mask)
+    y = ConvStep(wide, kernel, channel_name="channels", dtype=self.dtype, name="step1")(y, mask)
+    y, mask = masked_max_pool(y, mask, kernel, strides)
+    y = zero_padding(y + skip, mask)
+    y = ConvStep(
+      2 * d, kernel, first_relu=False, channel_name="channels", dtype=self.dtype, name="step2"
+    )(y, mask)
+    y = ConvStep(int(2.5 * d), kernel, channel_name="channels", dtype=self.dtype, name="step3")(
+      y, mask
+    )
+    y = zero_padding(nn.relu(y).astype(jnp.float32), mask)
+    pooled = y.sum((1, 2)) / jnp.maximum(mask.sum((1, 2)), 1.0)[:, None]
+    logits = Dense(self.num_classes, ("channels", "classes"), use_bias=True, name="logits")(pooled)
+    return nn.with_logical_constraint(logits, ("batch", "classes"))

@@ -1,0 +1,313 @@
+"""The MultiModel network: shapes, causality, padding, gradients, sharding, summary."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.multimodel import get_config
+from mm_jax import sharding
+from mm_jax.models import blocks
+from mm_jax.models.multimodel import MultiModel, TaskSignature
+from mm_jax.models.summary import summary
+
+B, L_IN, L_OUT, FRAMES, CLASSES = 8, 12, 10, 40, 10
+
+SIGNATURES = {
+  "text_to_text": TaskSignature("language", "language"),
+  "image_to_class": TaskSignature("image", "categorical", CLASSES),
+  "image_to_text": TaskSignature("image", "language"),
+  "audio_to_text": TaskSignature("audio", "language"),
+  "text_to_class": TaskSignature("language", "categorical", CLASSES),
+}
+
+
+def tiny_model(**overrides):
+  config = get_config("tiny").model
+  for key, value in overrides.items():
+    if key.startswith("moe_"):
+      config.moe[key[4:]] = value
+    else:
+      config[key] = value
+  return MultiModel(ml_collections.FrozenConfigDict(config))
+
+
+def token_ids(rng, length, lengths, vocab=256):
+  ids = rng.integers(3, vocab, (B, length)).astype(np.int32)
+  ids[np.arange(length)[None, :] >= np.asarray(lengths)[:, None]] = 0
+  return ids
+
+
+def make_batches(seed=0):
+  """One batch per task, with ragged real lengths and garbage in padded audio frames."""
+  rng = np.random.default_rng(seed)
+  text_lengths = [L_IN, 9, 5, 12, 1, 7, 11, 3]
+  target_lengths = [L_OUT, 4, 8, 1, 10, 6, 2, 9]
+  frame_lengths = np.array([FRAMES, 33, 25, 17, 40, 2, 39, 30])
+  frames_mask = (np.arange(FRAMES)[None, :] < frame_lengths[:, None]).astype(np.float32)
+  spaces = np.arange(B, dtype=np.int32) % 5
+  image = lambda size: rng.uniform(-1, 1, (B, size, size, 3)).astype(np.float32)
+  return {
+    "text_to_text": {
+      "inputs": token_ids(rng, L_IN, text_lengths),
+      "targets": token_ids(rng, L_OUT, target_lengths),
+      "target_space": spaces,
+    },
+    "image_to_class": {"inputs": image(28), "targets": rng.integers(0, CLASSES, B)},
+    "image_to_text": {
+      "inputs": image(32),
+      "targets": token_ids(rng, L_OUT, target_lengths),
+      "target_space": np.zeros(B, np.int32),
+    },
+    "audio_to_text": {
+      "inputs": np.where(frames_mask[..., None] > 0, rng.normal(size=(B, FRAMES, 40)), 1e3).astype(
+        np.float32
+      ),
+      "inputs_mask": frames_mask,
+      "targets": token_ids(rng, L_OUT, target_lengths),
+      "target_space": np.zeros(B, np.int32),
+    },
+    "text_to_class": {
+      "inputs": token_ids(rng, L_IN, text_lengths),
+      "targets": rng.integers(0, CLASSES, B),
+    },
+  }
+
+
+def init(model, batches):
+  fn = lambda rng: model.init(
+    {"params": rng}, batches, SIGNATURES, train=False, method=MultiModel.all_tasks
+  )
+  return jax.jit(fn)(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def dense():
+  model = tiny_model(ffn="dense")
+  batches = make_batches()
+  return model, init(model, batches), batches
+
+
+def forward(model, variables, batches):
+  apply = lambda v, b: model.apply(v, b, SIGNATURES, train=False, method=MultiModel.all_tasks)
+  return jax.jit(apply)(variables, batches)
+
+
+# Depthwise convolution: both implementations against a float64 NumPy loop.
+
+
+def depthwise_reference(x, taps, dilation, pads):
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+  spatial = [n - lo - hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
+  out = np.zeros((x.shape[0], *spatial, x.shape[-1]))
+  for tap in np.ndindex(*taps.shape[:-1]):
+    window = tuple(slice(t * r, t * r + n) for t, r, n in zip(tap, dilation, spatial))
+    out += x[(slice(None), *window)] * np.asarray(taps, np.float64)[tap]
+  return out
+
+
+@pytest.mark.parametrize("impl", sorted(blocks.DEPTHWISE))
+@pytest.mark.parametrize(
+  "kernel, dilation, padding",
+  [((3,), (1,), "same"), ((15,), (4,), "causal"), ((5,), (2,), "same"), ((3, 3), (1, 1), "same")],
+)
+def test_depthwise_matches_numpy(impl, kernel, dilation, padding):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, *([20] * len(kernel)), 6)).astype(np.float32)
+  taps = rng.normal(size=(*kernel, 6)).astype(np.float32)
+  pads = [blocks.conv_padding(k, r, padding) for k, r in zip(kernel, dilation)]
+  got = blocks.DEPTHWISE[impl](jnp.asarray(x), jnp.asarray(taps), dilation, pads)
+  np.testing.assert_allclose(got, depthwise_reference(x, taps, dilation, pads), atol=1e-4)
+
+
+# Shapes: traced with eval_shape, nothing compiled.
+
+
+@pytest.mark.parametrize(
+  "signature, inputs, length",
+  [
+    (SIGNATURES["image_to_class"], np.zeros((B, 28, 28, 3), np.float32), 2 * 2),  # 28>14>7>4>2
+    (SIGNATURES["image_to_class"], np.zeros((B, 64, 64, 3), np.float32), 4 * 4),  # 64>32>...>4
+    (SIGNATURES["audio_to_text"], np.zeros((B, 40, 40), np.float32), 10),  # 40>20>10
+    (SIGNATURES["audio_to_text"], np.zeros((B, 41, 40), np.float32), 11),  # 41>21>11
+    (SIGNATURES["text_to_text"], np.ones((B, 13), np.int32), 13),
+  ],
+)
+def test_modality_net_shapes(dense, signature, inputs, length):
+  model, variables, _ = dense
+  batch = {"inputs": inputs, "inputs_mask": np.ones(inputs.shape[:2], np.float32)}
+  x, mask = jax.eval_shape(
+    lambda v: model.apply(v, batch, signature, method=MultiModel.embed_inputs), variables
+  )
+  assert x.shape == (B, length, 32) and mask.shape == (B, length)
+
+
+def test_top_logits_shapes(dense):
+  model, variables, batches = dense
+  out = jax.eval_shape(
+    lambda v: model.apply(v, batches, SIGNATURES, train=False, method=MultiModel.all_tasks),
+    variables,
+  )
+  for name, (logits, aux) in out.items():
+    want = (B, CLASSES) if SIGNATURES[name].target_modality == "categorical" else (B, L_OUT, 256)
+    assert logits.shape == want and logits.dtype == jnp.float32, name
+    assert aux.shape == () and aux.dtype == jnp.float32, name
+
+
+# Causality and padding.
+
+
+def causality_case(model, variables, seed):
+  """Row 0 is the original; row i changes target token t_i. Returns (logits, positions)."""
+  rng = np.random.default_rng(seed)
+  positions = [None, 0, 1, 2, 4, 6, 8, 9]
+  targets = np.tile(rng.integers(3, 256, (1, L_OUT)), (B, 1)).astype(np.int32)
+  for row, t in enumerate(positions[1:], start=1):
+    targets[row, t] = 3 + (targets[row, t] - 3 + 1 + row) % 253
+  batch = {
+    "inputs": np.tile(rng.integers(3, 256, (1, L_IN)), (B, 1)).astype(np.int32),
+    "targets": targets,
+    "target_space": np.full(B, 1, np.int32),
+  }
+  sig = SIGNATURES["text_to_text"]
+  logits = jax.jit(lambda v: model.apply(v, batch, sig, train=False)[0])(variables)
+  return np.asarray(logits), positions
+
+
+def check_causal(logits, positions):
+  for row, t in enumerate(positions[1:], start=1):
+    # Position p predicts target p from targets < p: token t reaches positions > t only.
+    np.testing.assert_allclose(logits[row, : t + 1], logits[0, : t + 1], atol=1e-5)
+    if t + 1 < L_OUT:
+      assert np.abs(logits[row, t + 1] - logits[0, t + 1]).max() > 1e-4, (row, t)
+
+
+def test_causal_dense(dense):
+  model, variables, _ = dense
+  check_causal(*causality_case(model, variables, seed=2))
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_padding_never_changes_real_positions(dense, ffn):
+  if ffn == "dense":
+    model, variables, batches = dense
+  else:
+    # Capacity for every token, so routing groups changed by padding cannot drop any.
+    model = tiny_model(ffn="moe", moe_capacity_factor_eval=4.0)
+    batches = make_batches()
+    variables = init(model, batches)
+  pad = lambda x, n, value=0: np.concatenate(
+    [x, np.full((x.shape[0], n, *x.shape[2:]), value, x.dtype)], axis=1
+  )
+  padded = {
+    "text_to_text": {
+      **batches["text_to_text"],
+      "inputs": pad(batches["text_to_text"]["inputs"], 5),
+      "targets": pad(batches["text_to_text"]["targets"], 3),
+    },
+    "audio_to_text": {
+      **batches["audio_to_text"],
+      "inputs": pad(batches["audio_to_text"]["inputs"], 9, 7.0),
+      "inputs_mask": pad(batches["audio_to_text"]["inputs_mask"], 9),
+    },
+    "text_to_class": {
+      **batches["text_to_class"],
+      "inputs": pad(batches["text_to_class"]["inputs"], 7),
+    },
+  }
+  base = forward(model, variables, {k: batches[k] for k in padded})
+  more = forward(model, variables, padded)
+  for name in padded:
+    got, want = np.asarray(more[name][0]), np.asarray(base[name][0])
+    if got.ndim == 3:  # Compare real target positions only.
+      real = batches[name]["targets"] != 0
+      got, want = got[:, :L_OUT][real], want[real]
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_padding_test_detects_a_leak(dense):
+  """Garbage in padded audio frames must matter once the mask is dropped (the test can fail)."""
+  model, variables, batches = dense
+  batch = dict(batches["audio_to_text"])
+  unmasked = {**batch, "inputs_mask": np.ones_like(batch["inputs_mask"])}
+  sig = SIGNATURES["audio_to_text"]
+  run = jax.jit(lambda b: model.apply(variables, b, sig, train=False)[0])
+  assert np.abs(np.asarray(run(unmasked)) - np.asarray(run(batch)))[1].max() > 1e-3
+
+
+# Gradients.
+
+
+def task_losses(model, variables, batches, rngs):
+  out = model.apply(
+    variables, batches, SIGNATURES, train=True, rngs=rngs, method=MultiModel.all_tasks
+  )
+  total = 0.0
+  for name, (logits, aux) in out.items():
+    targets = batches[name]["targets"]
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weights = (targets != 0) if logits.ndim == 3 else jnp.ones_like(picked)
+    total = total - (picked * weights).sum() / weights.sum() + aux
+  return total
+
+
+def test_gradients_reach_every_parameter():
+  model = tiny_model(ffn="moe", dropout=0.1)
+  batches = make_batches(seed=3)
+  variables = init(model, batches)
+  rngs = {"dropout": jax.random.key(1), "gating": jax.random.key(2)}
+  grads = jax.jit(jax.grad(lambda v: task_losses(model, v, batches, rngs)))(variables)
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(grads["params"]))[0]
+  dead = []
+  for path, grad in flat:
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(grad)), name
+    if not np.any(grad != 0):
+      dead.append(name)
+  # The MoE's gate and noise weights start at zero (Shazeer et al.), so may get zero gradient.
+  assert [n for n in dead if not n.endswith(("['gate']", "['noise']"))] == []
+  assert len(flat) > 150
+
+
+# Sharded == unsharded.
+
+
+@pytest.mark.parametrize("mesh_config", [{"data": 2, "model": 4}, {"data": 8}])
+def test_sharded_matches_unsharded(devices, mesh_config):
+  model = tiny_model(ffn="dense", num_heads=4)
+  batches = make_batches(seed=4)
+  batches = {k: batches[k] for k in ("text_to_text", "image_to_class", "audio_to_text")}
+  variables = init(model, batches)
+  want = forward(model, variables, batches)
+
+  mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1, **mesh_config}, devices)
+  rules = sharding.logical_rules()
+  specs = nn.get_partition_spec(variables)
+  param_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batches)
+  sharded_vars = jax.device_put(variables, param_shardings)
+  if mesh_config.get("model", 1) > 1:
+    kernel = sharded_vars["params"]["decoder"]["after_0"]["convs"]["group0_step0"]["conv"]
+    assert not kernel["pointwise"]["kernel"].value.sharding.is_fully_replicated
+  apply = lambda v, b: model.apply(v, b, SIGNATURES, train=False, method=MultiModel.all_tasks)
+  with mesh, nn.logical_axis_rules(rules):
+    got = jax.jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
+  for name in batches:
+    np.testing.assert_allclose(got[name][0], want[name][0], atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+# The summary command.
+
+
+@pytest.mark.parametrize("size", ["tiny", "default", "paper"])
+def test_summary_counts_parameters(size):
+  text = summary(get_config(size))
+  d = {"tiny": 32, "default": 128, "paper": 1536}[size]
+  vocab = {"tiny": 256, "default": 4000, "paper": 32000}[size]
+  assert f"d={d} " in text
+  # The language net alone: embedding + softmax kernel + softmax bias.
+  language = [line for line in text.splitlines() if line.strip().startswith("language ")][0]
+  assert int(language.split()[-1].replace(",", "")) == 2 * vocab * d + vocab
