@@ -152,9 +152,21 @@ class Routing(NamedTuple):
   mask: jax.Array  # float32 [...], 1 = a real token that is routed
 
 
+def top_k(values, k: int):
+  """lax.top_k by k rounds of argmax: same result and ties (lowest index first), but XLA's SPMD
+  partitioner splits it over tokens, where it replicates the TopK custom call."""
+  picked_values, picked_index = [], []
+  for _ in range(k):
+    index = jnp.argmax(values, axis=-1)
+    picked_index.append(index)
+    picked_values.append(jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0])
+    values = jnp.where(jax.nn.one_hot(index, values.shape[-1], dtype=bool), -jnp.inf, values)
+  return jnp.stack(picked_values, axis=-1), jnp.stack(picked_index, axis=-1).astype(jnp.int32)
+
+
 def top_k_gating(logits, k: int):
-  values, index = jax.lax.top_k(logits, k)
-  return index.astype(jnp.int32), jax.nn.softmax(values, axis=-1)
+  values, index = top_k(logits, k)
+  return index, jax.nn.softmax(values, axis=-1)
 
 
 def prob_in_top_k(clean_logits, noisy_logits, noise_std, k: int):
@@ -162,7 +174,7 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_std, k: int):
   num_experts = clean_logits.shape[-1]
   if k >= num_experts:
     return jnp.ones_like(clean_logits)
-  top = jax.lax.top_k(noisy_logits, k + 1)[0]
+  top = top_k(noisy_logits, k + 1)[0]
   threshold_if_in = top[..., k : k + 1]
   threshold_if_out = top[..., k - 1 : k]
   is_in = noisy_logits > threshold_if_in
@@ -332,16 +344,19 @@ def capacity_experts(x, routing: Routing, w_in, w_out, capacity: int, layout: La
   gates = routing.gates * slots.kept
   dispatched = dispatch_rows(x.astype(dtype), slots.source, slots.position)
   dispatched = dispatched.reshape(groups, num_experts, capacity, d)
-  # Token-sharded -> expert-sharded: this re-layout is the all-to-all.
   dispatched = _constrain(dispatched, layout.mesh, layout.group, (), (), ())
-  dispatched = _constrain(
-    dispatched, layout.mesh, layout.group_without_expert, layout.expert, (), ()
+  # Expert-major, so each expert's slots of all groups are one contiguous matmul; with a mesh,
+  # this re-layout from token-sharded to expert-sharded is the all-to-all.
+  dispatched = jnp.swapaxes(dispatched, 0, 1)
+  expert_sharded = (layout.expert, layout.group_without_expert, (), ())
+  dispatched = _constrain(dispatched, layout.mesh, *expert_sharded)
+  hidden = nn.relu(jnp.einsum("egcd,edh->egch", dispatched, w_in.astype(dtype)))
+  hidden = _constrain(
+    hidden, layout.mesh, layout.expert, layout.group_without_expert, (), layout.hidden
   )
-  hidden = jnp.einsum("gecd,edh->gech", dispatched, w_in.astype(dtype))
-  hidden = nn.relu(hidden)
-  hidden = _constrain(hidden, layout.mesh, layout.group_without_expert, layout.expert, (), ())
-  out = jnp.einsum("gech,ehd->gecd", hidden, w_out.astype(dtype))
-  out = _constrain(out, layout.mesh, layout.group_without_expert, layout.expert, (), ())
+  out = jnp.einsum("egch,ehd->egcd", hidden, w_out.astype(dtype))
+  out = _constrain(out, layout.mesh, *expert_sharded)
+  out = jnp.swapaxes(out, 0, 1)
   out = _constrain(out, layout.mesh, layout.group, (), (), ())  # the all-to-all back
   out = out.reshape(groups, num_experts * capacity, d)
   y = combine_rows(out, slots.gate.astype(dtype), slots.position, slots.source, gates.astype(dtype))
@@ -485,8 +500,9 @@ class MoE(nn.Module):
       (num_experts, self.hidden, d),
     )
 
-    tokens = x.reshape(-1, d).astype(jnp.float32)
-    logits = tokens @ w_gate
+    # Router math stays token-sharded: without these constraints XLA replicates it.
+    tokens = _constrain(x.reshape(-1, d).astype(jnp.float32), layout.mesh, layout.batch, ())
+    logits = _constrain(tokens @ w_gate, layout.mesh, layout.batch, ())
     load = None
     if self.noisy_gating:
       w_noise = self.param(
@@ -497,6 +513,7 @@ class MoE(nn.Module):
       if train:
         noise_std = jax.nn.softplus(tokens @ w_noise) + NOISE_EPSILON
         noise = jax.random.normal(self.make_rng("gating"), logits.shape, jnp.float32)
+        noise = _constrain(noise, layout.mesh, layout.batch, ())
         clean, logits = logits, logits + noise * noise_std
         load = prob_in_top_k(clean, logits, noise_std, self.k)
     index, gates = top_k_gating(logits, self.k)

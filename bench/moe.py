@@ -1,0 +1,255 @@
+"""MoE layer speed vs an equal-FLOP dense FFN, and collective bytes per layer from compiled HLO.
+
+  python bench/moe.py            # both tables (the HLO part runs in a subprocess on 8 CPU devices)
+  python bench/moe.py --quick    # smaller sizes, for a smoke run
+
+Speed: forward+backward (value_and_grad of a loss that uses the output) of one MoE layer, k=2,
+capacity factor 1.0 (expert slots = k x tokens, so the expert FLOPs equal the dense FFN's with
+hidden = k x expert hidden), ÷ that dense FFN, measured in the same run. "capacity/one-hot" is
+the same layer with GShard-style one-hot einsum dispatch and combine, kept as the alternative
+that the gather dispatch replaced.
+
+Bytes: on a (data=2, expert=4) mesh, the bytes of every collective in the compiled HLO of one
+MoE layer (per device, result shapes) ÷ the bytes that must move: the dispatched buffer out and
+the combined buffer back, once each (twice more in the backward pass).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+if "--hlo-json" not in sys.argv:
+  # One thread: the ratio then measures work, not how the cores were shared with other load.
+  os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  )
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZES = {
+  "full": dict(tokens=8192, d=512, hidden=1024),
+  "quick": dict(tokens=2048, d=128, hidden=256),
+}
+DROPLESS_MAX_EXPERTS = 32  # XLA:CPU lowers ragged_dot to dense work over all experts
+
+
+def _one_hot_experts(x, routing, w_in, w_out, capacity, layout, dtype):
+  """The GShard/flaxformer formulation: dispatch and combine as one-hot einsums over E x C."""
+  import jax
+  import jax.numpy as jnp
+
+  from mm_jax.models import moe as moe_lib
+
+  groups, size, d = x.shape
+  num_experts = w_in.shape[0]
+  slots = moe_lib.assign_slots(routing, num_experts, capacity)
+  one_hot = jax.nn.one_hot(slots.position, num_experts * capacity, dtype=dtype)  # [G, S, k, EC]
+  dispatch = jnp.sum(one_hot, axis=2).reshape(groups, size, num_experts, capacity)
+  combine = jnp.einsum("gskn,gsk->gsn", one_hot, routing.gates * slots.kept)
+  combine = combine.reshape(groups, size, num_experts, capacity)
+  dispatched = jnp.einsum("gsec,gsd->gecd", dispatch, x.astype(dtype))
+  hidden = jax.nn.relu(jnp.einsum("gecd,edh->gech", dispatched, w_in))
+  out = jnp.einsum("gech,ehd->gecd", hidden, w_out)
+  return jnp.einsum("gecd,gsec->gsd", out, combine), slots.kept
+
+
+def _time_against(baseline, candidate, repeats):
+  """Best-of-n seconds of (baseline, candidate), alternating runs so load spikes hit both."""
+  import jax
+
+  for fn, args in (baseline, candidate):
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  best = [float("inf"), float("inf")]
+  for _ in range(repeats):
+    for i, (fn, args) in enumerate((baseline, candidate)):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      best[i] = min(best[i], time.perf_counter() - start)
+  return best
+
+
+def speed_table(size: str, repeats: int):
+  import jax
+  import jax.numpy as jnp
+
+  from mm_jax.models import ffn
+  from mm_jax.models import moe as moe_lib
+
+  s = SIZES[size]
+  tokens, d, hidden, k = s["tokens"], s["d"], s["hidden"], 2
+  batch, length = tokens // 256, 256
+  x = jax.random.normal(jax.random.key(0), (batch, length, d), jnp.float32)
+  target = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+
+  def step_fn(layer, train):
+    def loss(params, x):
+      y, aux = layer.apply(
+        {"params": params}, x, None, train=train, rngs={"gating": jax.random.key(2)}
+      )
+      return jnp.mean(jnp.square(y - target)) + aux
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  def params_of(layer):
+    return jax.jit(lambda: layer.init(jax.random.key(3), x, None)["params"])()
+
+  dense = ffn.DenseFFN(hidden=k * hidden)
+  baseline = (step_fn(dense, True), (params_of(dense), x))
+  rows = []
+  for num_experts in (8, 32, 128):
+    for variant in ("capacity", "capacity/one-hot", "dropless"):
+      dispatch = "dropless" if variant == "dropless" else "capacity"
+      layer = moe_lib.MoE(
+        num_experts=num_experts,
+        k=k,
+        hidden=hidden,
+        capacity_factor_train=1.0,
+        group_size=1024,
+        noisy_gating=True,
+        dispatch=dispatch,
+      )
+      if variant == "dropless" and num_experts > DROPLESS_MAX_EXPERTS:
+        rows.append(
+          (num_experts, variant, None, None, "skipped: XLA:CPU ragged_dot is dense over E")
+        )
+        continue
+      original = moe_lib.capacity_experts
+      if variant == "capacity/one-hot":
+        moe_lib.capacity_experts = _one_hot_experts
+      try:
+        candidate = (step_fn(layer, True), (params_of(layer), x))
+        dense_time, seconds = _time_against(baseline, candidate, repeats)
+      finally:
+        moe_lib.capacity_experts = original
+      rows.append((num_experts, variant, seconds, dense_time, ""))
+  print(f"\nMoE forward+backward ÷ dense FFN (hidden {k * hidden}), {tokens} tokens, d={d}, ")
+  print(f"expert hidden {hidden}, k={k}, capacity factor 1.0, noisy gating, float32, 1 CPU device")
+  print("(dense timed alternately with each row, best of n each; XLA CPU single-threaded)\n")
+  print(f"{'E':>4} | {'dispatch':<17} | {'MoE ms':>8} | {'dense ms':>8} | {'÷ dense':>7} | note")
+  print(f"{'-' * 4}-+-{'-' * 17}-+-{'-' * 8}-+-{'-' * 8}-+-{'-' * 7}-+-----")
+  for num_experts, variant, seconds, dense_time, note in rows:
+    if seconds is None:
+      print(f"{num_experts:>4} | {variant:<17} | {'-':>8} | {'-':>8} | {'-':>7} | {note}")
+    else:
+      ratio = seconds / dense_time
+      print(
+        f"{num_experts:>4} | {variant:<17} | {seconds * 1e3:8.1f} | {dense_time * 1e3:8.1f} | "
+        f"{ratio:7.2f} | {note}"
+      )
+
+
+# ----------------------------------------------------------------------------------------------
+# Collective bytes from compiled HLO (needs 8 devices: run in a subprocess).
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of each collective's result (per device) in a compiled HLO module."""
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo_text.splitlines():
+    match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+    if not match:
+      continue
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+      count = int(np.prod([int(v) for v in dims.split(",") if v])) if dims else 1
+      totals[match.group(2)] += count * DTYPE_BYTES.get(dtype, 4)
+  return totals
+
+
+def bytes_rows(size: str) -> list[dict]:
+  import flax.linen as nn
+  import jax
+  import jax.experimental.mesh_utils  # noqa: F401
+  import jax.numpy as jnp
+
+  from mm_jax import sharding
+  from mm_jax.models import moe as moe_lib
+
+  s = SIZES[size]
+  tokens, d, hidden, k = s["tokens"], s["d"], s["hidden"], 2
+  batch, length = tokens // 256, 256
+  mesh = sharding.make_mesh({"data": 2, "expert": 4, "model": 1})
+  x = jax.ShapeDtypeStruct((batch, length, d), jnp.float32)
+  x_sharding = sharding.batch_sharding(mesh, 3)
+  rows = []
+  for dispatch in ("capacity", "dropless"):
+    layer = moe_lib.MoE(
+      num_experts=8, k=k, hidden=hidden, capacity_factor_train=1.0, group_size=1024,
+      dispatch=dispatch,
+    )  # fmt: skip
+    with mesh, nn.logical_axis_rules(sharding.logical_rules()):
+      boxed = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(x.shape), None)
+      specs = nn.get_partition_spec(boxed["params"])
+      param_shardings = nn.unbox(nn.logical_to_mesh_sharding(specs, mesh))
+      params = nn.unbox(boxed["params"])
+
+      def forward(params, x, layer=layer):
+        return layer.apply(
+          {"params": params}, x, None, train=True, rngs={"gating": jax.random.key(0)}
+        )[0]
+
+      def forward_backward(params, x, layer=layer):
+        return jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1))(params, x)
+
+      for name, fn, passes, out in (
+        ("forward", forward, 1, x_sharding),
+        ("fwd+bwd", forward_backward, 2, (param_shardings, x_sharding)),
+      ):
+        jitted = jax.jit(fn, in_shardings=(param_shardings, x_sharding), out_shardings=out)
+        totals = collective_bytes(jitted.lower(params, x).compile().as_text())
+        # Per device: its share of the dispatched buffer [G, E, C, d] out and back.
+        group = moe_lib.routing_group_size(tokens, 1024, 8)
+        slots = 8 * moe_lib.expert_capacity(group, k, 8, 1.0) * tokens // group
+        needed = 2 * passes * slots * d * 4 // 8
+        rows.append(dict(dispatch=dispatch, program=name, needed=needed, **totals))
+  return rows
+
+
+def bytes_table(size: str):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, __file__, "--hlo-json", "--size", size],
+    env=env, capture_output=True, text=True, check=True,
+  )  # fmt: skip
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
+  print("\nCollective bytes per MoE layer (per device, compiled HLO), mesh data=2 x expert=4, E=8")
+  header = f"{'dispatch':<9} | {'program':<8} | " + " | ".join(f"{c:>18}" for c in COLLECTIVES)
+  print(header + f" | {'needed':>10} | {'÷ needed':>8}")
+  print("-" * len(header) + "-+-" + "-" * 10 + "-+-" + "-" * 8)
+  for row in rows:
+    moved = sum(row[c] for c in COLLECTIVES)
+    cells = " | ".join(f"{row[c]:>18,}" for c in COLLECTIVES)
+    print(f"{row['dispatch']:<9} | {row['program']:<8} | {cells} | {row['needed']:>10,} | "
+          f"{moved / row['needed']:8.2f}")  # fmt: skip
+  print("(fwd+bwd also all-reduces the gradients of weights replicated over the data axis;")
+  print(" that is data parallelism, not token movement, but it is counted above.)")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--size", default=None)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--hlo-json", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--only", choices=("speed", "bytes"), default=None)
+  args = parser.parse_args()
+  size = args.size or ("quick" if args.quick else "full")
+  if args.hlo_json:
+    print(json.dumps(bytes_rows(size)))
+    return
+  if args.only in (None, "speed"):
+    speed_table(size, args.repeats)
+  if args.only in (None, "bytes"):
+    bytes_table(size)
+
+
+if __name__ == "__main__":
+  main()
