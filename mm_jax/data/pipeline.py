@@ -127,6 +127,9 @@ def _task_seed(config, name: str, process_index: int) -> int:
 # --- reading TFDS ---------------------------------------------------------------------------
 
 
+_PREPARED: set[str] = set()  # embedded directories checked in this process
+
+
 def ensure_prepared(config) -> None:
   """Builds the embedded mixture on first use; registers the local builders either way."""
   from mm_jax.data import ptb  # noqa: F401  (registers mm_penn_treebank)
@@ -136,13 +139,12 @@ def ensure_prepared(config) -> None:
   from mm_jax.data import embedded
 
   directory = tfds_data_dir(config)
-  missing = [
-    task.source.tfds_name
-    for task in build_tasks(config).values()
-    if not tfds.builder(task.source.tfds_name, data_dir=directory).is_prepared()
-  ]
-  if missing:
+  if directory in _PREPARED:
+    return
+  names = embedded.dataset_names()
+  if not all(tfds.builder(name, data_dir=directory).is_prepared() for name in names):
     embedded.build_all(directory, config.data.embedded_scale)
+  _PREPARED.add(directory)
 
 
 def builder(config, task: tasks_lib.Task):
