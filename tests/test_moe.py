@@ -39,7 +39,7 @@ def make_layer(**overrides):
 
 def random_params(layer, x, seed):
   """Random values for every parameter (the gate is zero at init, which routes nothing useful)."""
-  params = nn.unbox(layer.init(jax.random.key(0), x, None)["params"])
+  params = nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), x, None)["params"])
   keys = jax.random.split(jax.random.key(seed), len(params))
   scales = {"gate": 1.0, "noise": 0.3, "w_in": 0.5, "w_out": 0.5}
   return {
@@ -122,26 +122,27 @@ def reference_moe(x, mask, params, *, num_experts, k, group_size, capacity_facto
 
 
 @pytest.mark.parametrize(
-  "num_experts,k,capacity_factor,balance_loss",
+  "num_experts,k,capacity_factor,balance_loss,train",
   [
-    (4, 2, 1.0, "cv"),
-    (8, 1, 0.5, "switch"),  # drops many tokens
-    (8, 2, 0.75, "cv"),
-    (3, 3, 2.0, "switch"),  # k == E, never drops
+    (4, 2, 1.0, "cv", False),
+    (8, 1, 0.5, "switch", True),  # drops many tokens
+    (8, 2, 0.75, "cv", True),
+    (3, 3, 2.0, "switch", False),  # k == E, never drops
   ],
 )
-@pytest.mark.parametrize("train", [False, True])
 def test_matches_float64_reference(num_experts, k, capacity_factor, balance_loss, train):
   layer = make_layer(
     num_experts=num_experts,
     k=k,
-    capacity_factor_train=capacity_factor,
-    capacity_factor_eval=capacity_factor,
+    # The factor of the other mode is wrong on purpose: the layer must pick by `train`.
+    capacity_factor_train=capacity_factor if train else 0.1,
+    capacity_factor_eval=0.1 if train else capacity_factor,
     balance_loss=balance_loss,
   )
   x, mask = random_inputs(4, 16, seed=num_experts * 10 + k)
   params = random_params(layer, x, seed=k)
-  (y, aux), state = layer.apply({"params": params}, x, mask, train=train, mutable=["intermediates"])
+  apply = jax.jit(lambda p: layer.apply({"params": p}, x, mask, train=train, mutable=True))
+  (y, aux), state = apply(params)
   sown = {name: value[0] for name, value in state["intermediates"].items()}
   ref = reference_moe(
     x,
@@ -184,8 +185,11 @@ def test_noise_only_in_training_and_padding_not_routed():
   layer = make_layer(noisy_gating=True, capacity_factor_eval=4.0, capacity_factor_train=4.0)
   x, mask = random_inputs(4, 16, seed=1)
   params = random_params(layer, x, seed=5)
-  apply = lambda train, seed: layer.apply(
-    {"params": params}, x, mask, train=train, rngs={"gating": jax.random.key(seed)}
+  apply = jax.jit(
+    lambda train, seed: layer.apply(
+      {"params": params}, x, mask, train=train, rngs={"gating": jax.random.key(seed)}
+    ),
+    static_argnums=0,
   )
   y_eval_a, _ = apply(False, 0)
   y_eval_b, _ = apply(False, 1)
@@ -196,9 +200,8 @@ def test_noise_only_in_training_and_padding_not_routed():
   np.testing.assert_array_equal(np.asarray(y_train_a)[mask == 0], 0.0)
   # Changing a padded token's contents changes nothing, including the balance loss.
   x2 = np.where(mask[..., None] == 0, 100.0, x).astype(np.float32)
-  (y1, aux1), (y2, aux2) = (
-    layer.apply({"params": params}, xi, mask, train=False) for xi in (x, x2)
-  )
+  apply_eval = jax.jit(lambda x: layer.apply({"params": params}, x, mask, train=False))
+  (y1, aux1), (y2, aux2) = apply_eval(x), apply_eval(x2)
   np.testing.assert_array_equal(y1, y2)
   np.testing.assert_allclose(aux1, aux2, rtol=1e-6)
 
@@ -217,9 +220,8 @@ def test_dropless_equals_capacity_when_nothing_dropped():
     y, aux = layer.apply({"params": params}, x, mask, train=False)
     return jnp.sum(jnp.sin(y)) + aux
 
-  results = [
-    jax.value_and_grad(loss, argnums=(1, 2))(layer, params, x) for layer in (capacity, dropless)
-  ]
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), static_argnums=0)
+  results = [grad_fn(layer, params, x) for layer in (capacity, dropless)]
   (value_c, grads_c), (value_d, grads_d) = results
   np.testing.assert_allclose(value_c, value_d, rtol=1e-5)
   jax.tree.map(
@@ -242,6 +244,11 @@ def mesh_for(name, devices):
   return sharding.make_mesh(shape, devices[: math.prod(shape.values())])
 
 
+def shardings_of(layer, x, mask, mesh):
+  boxed = jax.eval_shape(layer.init, jax.random.key(0), x, mask)["params"]
+  return nn.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh))
+
+
 def loss_and_grads(layer, params, x, mask, mesh):
   """value_and_grad of a loss that uses the output, jitted with in/out shardings from the rules."""
 
@@ -252,9 +259,7 @@ def loss_and_grads(layer, params, x, mask, mesh):
   if mesh is None:
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   with mesh, nn.logical_axis_rules(sharding.logical_rules()):
-    boxed = layer.init(jax.random.key(0), x, mask)["params"]
-    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh)
-    param_shardings = nn.unbox(param_shardings)
+    param_shardings = shardings_of(layer, x, mask, mesh)
     x_sharding = sharding.batch_sharding(mesh, 3)
     step = jax.jit(
       jax.value_and_grad(loss, argnums=(0, 1)),
@@ -289,9 +294,8 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices):
   x, mask = random_inputs(16, 8, seed=2)
   mesh = mesh_for("data2_expert4", devices)
   with mesh, nn.logical_axis_rules(sharding.logical_rules()):
-    params = nn.unbox(layer.init(jax.random.key(0), x, mask)["params"])
-    boxed = layer.init(jax.random.key(0), x, mask)["params"]
-    param_shardings = nn.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh))
+    params = random_params(layer, x, seed=0)
+    param_shardings = shardings_of(layer, x, mask, mesh)
     assert param_shardings["w_in"].spec == PartitionSpec("expert", None, "model")
 
     def train_step(params, x):
