@@ -350,11 +350,14 @@ def capacity_experts(x, routing: Routing, w_in, w_out, capacity: int, layout: La
   dispatched = jnp.swapaxes(dispatched, 0, 1)
   expert_sharded = (layout.expert, layout.group_without_expert, (), ())
   dispatched = _constrain(dispatched, layout.mesh, *expert_sharded)
-  hidden = nn.relu(jnp.einsum("egcd,edh->egch", dispatched, w_in.astype(dtype)))
+  # One [G*C, d] matmul per expert: faster on CPU than keeping G and C apart.
+  rows = dispatched.reshape(num_experts, groups * capacity, d)
+  hidden = nn.relu(jnp.einsum("end,edh->enh", rows, w_in.astype(dtype)))
   hidden = _constrain(
-    hidden, layout.mesh, layout.expert, layout.group_without_expert, (), layout.hidden
+    hidden, layout.mesh, layout.expert, layout.group_without_expert, layout.hidden
   )
-  out = jnp.einsum("egch,ehd->egcd", hidden, w_out.astype(dtype))
+  out = jnp.einsum("enh,ehd->end", hidden, w_out.astype(dtype))
+  out = out.reshape(num_experts, groups, capacity, d)
   out = _constrain(out, layout.mesh, *expert_sharded)
   out = jnp.swapaxes(out, 0, 1)
   out = _constrain(out, layout.mesh, layout.group, (), (), ())  # the all-to-all back
