@@ -1,5 +1,7 @@
 """The MultiModel network: shapes, causality, padding, gradients, sharding, summary."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,10 @@ from mm_jax.models.multimodel import MultiModel, TaskSignature
 from mm_jax.models.summary import summary
 
 B, L_IN, L_OUT, FRAMES, CLASSES = 8, 12, 10, 40, 10
+
+# The tests run tiny models once each: compile time dominates, and LLVM at -O0 halves it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 SIGNATURES = {
   "text_to_text": TaskSignature("language", "language"),
@@ -80,7 +86,7 @@ def init(model, batches):
   fn = lambda rng: model.init(
     {"params": rng}, batches, SIGNATURES, train=False, method=MultiModel.all_tasks
   )
-  return jax.jit(fn)(jax.random.key(0))
+  return jit(fn)(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +98,7 @@ def dense():
 
 def forward(model, variables, batches):
   apply = lambda v, b: model.apply(v, b, SIGNATURES, train=False, method=MultiModel.all_tasks)
-  return jax.jit(apply)(variables, batches)
+  return jit(apply)(variables, batches)
 
 
 # Depthwise convolution: both implementations against a float64 NumPy loop.
@@ -172,7 +178,7 @@ def causality_case(model, variables, seed):
     "target_space": np.full(B, 1, np.int32),
   }
   sig = SIGNATURES["text_to_text"]
-  logits = jax.jit(lambda v: model.apply(v, batch, sig, train=False)[0])(variables)
+  logits = jit(lambda v: model.apply(v, batch, sig, train=False)[0])(variables)
   return np.asarray(logits), positions
 
 
@@ -233,11 +239,15 @@ def test_padding_test_detects_a_leak(dense):
   batch = dict(batches["audio_to_text"])
   unmasked = {**batch, "inputs_mask": np.ones_like(batch["inputs_mask"])}
   sig = SIGNATURES["audio_to_text"]
-  run = jax.jit(lambda b: model.apply(variables, b, sig, train=False)[0])
+  run = jit(lambda b: model.apply(variables, b, sig, train=False)[0])
   assert np.abs(np.asarray(run(unmasked)) - np.asarray(run(batch)))[1].max() > 1e-3
 
 
 # Gradients.
+
+
+# Together these tasks use every modality net and the whole body.
+ONE_TASK_PER_NET = ("text_to_text", "image_to_class", "audio_to_text")
 
 
 def task_losses(model, variables, batches, rngs):
@@ -255,11 +265,12 @@ def task_losses(model, variables, batches, rngs):
 
 
 def test_gradients_reach_every_parameter():
-  model = tiny_model(ffn="moe", dropout=0.1)
-  batches = make_batches(seed=3)
+  # Shorter kernels than tiny's: reach does not depend on them, and the backward compiles faster.
+  model = tiny_model(ffn="moe", dropout=0.1, conv_group2=((5, 1), (5, 4)))
+  batches = {k: make_batches(seed=3)[k] for k in ONE_TASK_PER_NET}
   variables = init(model, batches)
   rngs = {"dropout": jax.random.key(1), "gating": jax.random.key(2)}
-  grads = jax.jit(jax.grad(lambda v: task_losses(model, v, batches, rngs)))(variables)
+  grads = jit(jax.grad(lambda v: task_losses(model, v, batches, rngs)))(variables)
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(grads["params"]))[0]
   dead = []
   for path, grad in flat:
@@ -275,14 +286,17 @@ def test_gradients_reach_every_parameter():
 # Sharded == unsharded.
 
 
-@pytest.mark.parametrize("mesh_config", [{"data": 2, "model": 4}, {"data": 8}])
-def test_sharded_matches_unsharded(devices, mesh_config):
+@pytest.fixture(scope="module")
+def unsharded():
   model = tiny_model(ffn="dense", num_heads=4)
-  batches = make_batches(seed=4)
-  batches = {k: batches[k] for k in ("text_to_text", "image_to_class", "audio_to_text")}
+  batches = {k: make_batches(seed=4)[k] for k in ONE_TASK_PER_NET}
   variables = init(model, batches)
-  want = forward(model, variables, batches)
+  return model, variables, batches, forward(model, variables, batches)
 
+
+@pytest.mark.parametrize("mesh_config", [{"data": 2, "model": 4}, {"data": 8}])
+def test_sharded_matches_unsharded(devices, unsharded, mesh_config):
+  model, variables, batches, want = unsharded
   mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1, **mesh_config}, devices)
   rules = sharding.logical_rules()
   specs = nn.get_partition_spec(variables)
@@ -294,7 +308,7 @@ def test_sharded_matches_unsharded(devices, mesh_config):
     assert not kernel["pointwise"]["kernel"].value.sharding.is_fully_replicated
   apply = lambda v, b: model.apply(v, b, SIGNATURES, train=False, method=MultiModel.all_tasks)
   with mesh, nn.logical_axis_rules(rules):
-    got = jax.jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
+    got = jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
   for name in batches:
     np.testing.assert_allclose(got[name][0], want[name][0], atol=2e-5, rtol=2e-5, err_msg=name)
 
