@@ -83,7 +83,7 @@ def _data(size: str) -> ml_collections.ConfigDict:
   # Relative mixing weights; a task's batch size is proportional to its weight.
   d.weights = ml_collections.ConfigDict({t: 1.0 for t in ALL_TASKS})
   d.max_text_length = {"tiny": 32, "default": 64, "paper": 256}[size]
-  d.max_audio_frames = {"tiny": 128, "default": 400, "paper": 1600}[size]
+  d.max_audio_frames = {"tiny": 320, "default": 400, "paper": 1600}[size]
   d.image_size = {"tiny": 28, "default": 28, "paper": 224}[size]
   d.caption_image_size = {"tiny": 32, "default": 64, "paper": 224}[size]
   d.shuffle_buffer = {"tiny": 256, "default": 10_000, "paper": 100_000}[size]
@@ -133,6 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.checkpoint_every = {"tiny": 10, "default": 500, "paper": 2000}[size]
   t.keep_checkpoints = 3
   t.max_consecutive_nonfinite = 5
+  t.fixed_batch = False  # debugging: train on the first batch over and over (can it fit?)
   c.train = t
 
   dec = ml_collections.ConfigDict()

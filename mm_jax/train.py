@@ -1,0 +1,312 @@
+"""The training loop, top to bottom: mesh → data → model → shardings → step → checkpoint → loop.
+
+Every step carries one batch per task group (tasks sharing a signature and shapes are concatenated
+on the host, see grouping.py); the jitted step applies the one shared model to each group in turn
+(unrolled at trace time), sums the per-task losses and the MoE balance losses, and makes one
+optimizer update. A one-entry mixture is the single-task baseline, with no other code path.
+"""
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from mm_jax import checkpointing, evaluate, grouping, losses, optimizer, sharding, validation
+from mm_jax.data import pipeline
+from mm_jax.models.multimodel import MultiModel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: dict
+  opt_state: Any
+  # Consecutive steps whose loss or gradients were not finite (their updates were skipped).
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+class NonFiniteError(RuntimeError):
+  """Raised after `config.train.max_consecutive_nonfinite` skipped updates in a row."""
+
+
+def _rngs(rng, step, group_index):
+  key = jax.random.fold_in(jax.random.fold_in(rng, step), group_index)
+  dropout, gating = jax.random.split(key)
+  return {"dropout": dropout, "gating": gating}
+
+
+def _task_sums(stats, task_index, num_tasks):
+  """Per-task sums of per-example stats, selected by the example's task index."""
+  per_task = []
+  for i in range(num_tasks):
+    selected = (task_index == i).astype(jnp.float32)
+    per_task.append({k: jnp.sum(v * selected) for k, v in stats.items()})
+  return per_task
+
+
+def forward_losses(model, params, batches, plan, *, train, rng, step, label_smoothing):
+  """Total loss and per-task sums over all groups: the body of both train and eval steps."""
+  total_task_loss = jnp.zeros((), jnp.float32)
+  total_aux = jnp.zeros((), jnp.float32)
+  per_task = {}
+  for group_index, group in enumerate(plan):
+    batch = batches[group.name]
+    model_batch = {k: v for k, v in batch.items() if k != "task_index"}
+    rngs = _rngs(rng, step, group_index) if train else {}
+    logits, aux = model.apply(
+      {"params": params}, model_batch, group.signature, train=train, rngs=rngs
+    )
+    stats = losses.example_stats(
+      logits, batch["targets"], group.signature.target_modality, label_smoothing
+    )
+    for task, sums in zip(group.tasks, _task_sums(stats, batch["task_index"], len(group.tasks))):
+      per_task[task] = sums
+      total_task_loss += sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
+    total_aux += aux
+  return total_task_loss + total_aux, (per_task, total_aux)
+
+
+def train_step(state, batches, rng, *, model, tx, plan, label_smoothing):
+  """One optimizer update from every task group; skipped (and counted) if anything is non-finite."""
+
+  def loss_fn(params):
+    return forward_losses(
+      model,
+      params,
+      batches,
+      plan,
+      train=True,
+      rng=rng,
+      step=state.step,
+      label_smoothing=label_smoothing,
+    )
+
+  (loss, (per_task, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax_global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt_state, state.opt_state),
+    nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+    nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+  )
+  metrics = {"loss": loss, "moe_aux_loss": aux, "grad_norm": grad_norm}
+  for task, sums in per_task.items():
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    metrics[f"{task}/loss"] = sums["loss"] / tokens
+    metrics[f"{task}/log_perplexity"] = sums["nll"] / tokens
+    metrics[f"{task}/accuracy"] = sums["correct"] / tokens
+  return new_state, metrics
+
+
+def optax_global_norm(tree):
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def init_state(rng, example_batches, *, model, tx, plan):
+  """Parameters of every modality net used by the plan (shared body params coincide)."""
+  params = {}
+  for group in plan:
+    batch = {k: v for k, v in example_batches[group.name].items() if k != "task_index"}
+    variables = model.init(
+      {"params": rng, "dropout": rng, "gating": rng}, batch, group.signature, train=False
+    )
+    params = _merge(params, variables["params"])
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    nonfinite_streak=jnp.zeros((), jnp.int32),
+    nonfinite_total=jnp.zeros((), jnp.int32),
+  )
+
+
+def _merge(a, b):
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if key in out and isinstance(value, dict) else value
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains, evaluates and checkpoints.
+
+  Returns {"eval": final metrics per task, "train": [(step, logged train metrics), ...]}.
+  `devices` (default: all) lets tests run the same config on a sub-mesh.
+  """
+  # ------------------------------------------------------------------ config, mesh, rules
+  devices = list(jax.devices() if devices is None else devices)
+  validation.validate(config, num_devices=len(devices))
+  validation.check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules()
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer.write_hparams(_flat_hparams(config))
+
+  # ------------------------------------------------------------------ data
+  tasks = pipeline.build_tasks(config)
+  signatures = {name: task.signature for name, task in tasks.items()}
+  pipeline.ensure_prepared(config)
+  data_parallel = mesh.shape["data"] * mesh.shape["expert"]
+  train_iter = pipeline.TrainIterator(
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    data_parallel=data_parallel,
+  )
+
+  # ------------------------------------------------------------------ model, optimizer, shardings
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  first = next(train_iter)  # its shapes fix the compiled step; it is also the first batch
+  plan = grouping.plan_groups(signatures, first)
+  example = grouping.merge_batches(plan, first)
+  logging.info("task groups: %s", [(g.name, g.tasks) for g in plan])
+  example_specs = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype),
+    example,
+  )
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_specs)
+  init = functools.partial(init_state, model=model, tx=tx, plan=plan)
+  with mesh, nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init, jax.random.key(0), example_specs)
+    state_shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(abstract_boxed), mesh, rules
+    )
+    state_shardings = _fill_replicated(state_shardings, mesh)
+    unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
+    abstract_state = jax.eval_shape(unboxed_init, jax.random.key(0), example_specs)
+
+  # ------------------------------------------------------------------ checkpoint: resume or init
+  ckpt = checkpointing.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+  )
+  rng = jax.random.key(config.seed)
+  restored = ckpt.restore_latest(
+    checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+  )
+  if restored is None:
+    with mesh, nn.logical_axis_rules(rules):
+      state = jax.jit(unboxed_init, out_shardings=state_shardings)(
+        rng, sharding.global_batch(example, mesh)
+      )
+    start_step, pending = 0, first
+  else:
+    start_step, state, data_state = restored
+    train_iter.set_state(data_state)
+    pending = None
+    logging.info("resumed from step %d", start_step)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("parameters: %s", f"{num_params:,}")
+
+  # ------------------------------------------------------------------ the step
+  step_fn = functools.partial(
+    train_step, model=model, tx=tx, plan=plan, label_smoothing=config.train.label_smoothing
+  )
+  with mesh, nn.logical_axis_rules(rules):
+    jit_step = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
+  evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
+
+  # ------------------------------------------------------------------ the loop
+  num_steps = config.train.num_steps
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  hooks = [report] if is_chief else []
+  train_metrics, history = [], []
+  step = start_step
+  final_metrics = {}
+  t_start = time.time()
+  while step < num_steps:
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      if config.train.fixed_batch:
+        task_batches = first
+      else:
+        task_batches, pending = (pending if pending is not None else next(train_iter)), None
+      batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
+      with mesh, nn.logical_axis_rules(rules):
+        state, metrics = jit_step(state, batches, rng)
+    step += 1
+    if step == start_step + 1:
+      logging.info("first step done %.1f s after the loop started", time.time() - t_start)
+    train_metrics.append(metrics)
+    for hook in hooks:
+      hook(step)
+    if step % config.train.log_every == 0 or step == num_steps:
+      summary = _mean_metrics(train_metrics)
+      streak = int(state.nonfinite_streak)
+      summary["nonfinite_skipped_total"] = float(state.nonfinite_total)
+      for task, counts in train_iter.counters().items():
+        summary.update({f"data/{task}/{k}": float(v) for k, v in counts.items()})
+      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+      history.append((step, summary))
+      train_metrics = []
+      if streak >= config.train.max_consecutive_nonfinite:
+        ckpt.wait()
+        raise NonFiniteError(
+          f"{streak} consecutive steps had non-finite loss or gradients (updates skipped); "
+          f"last good checkpoint: step {ckpt.steps()[-1] if ckpt.steps() else 'none'} in "
+          f"{ckpt.directory}: lower config.optimizer.learning_rate or check the data"
+        )
+    checkpoint_due = step % config.train.checkpoint_every == 0 or step == num_steps
+    if checkpoint_due and int(state.nonfinite_streak) == 0:
+      ckpt.save(step, state, train_iter.get_state())
+    if step % config.train.eval_every == 0 or step == num_steps:
+      with report.timed("eval"):
+        final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
+      writer.write_scalars(step, evaluator.flatten(final_metrics))
+  ckpt.close()
+  writer.flush()
+  if is_chief and final_metrics:
+    print(evaluator.table(final_metrics), flush=True)
+  return {"eval": final_metrics, "train": history}
+
+
+def _fill_replicated(shardings, mesh):
+  """Leaves without logical names (counters, Adam's step count) are replicated."""
+  return jax.tree.map(
+    lambda s: s if isinstance(s, jax.sharding.Sharding) else sharding.replicated(mesh),
+    shardings,
+    is_leaf=lambda s: s is None or isinstance(s, jax.sharding.Sharding),
+  )
+
+
+def _mean_metrics(metrics_list):
+  stacked = jax.device_get(metrics_list)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _flat_hparams(config):
+  flat = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(name + ".", value)
+      elif isinstance(value, int | float | str | bool):
+        flat[name] = value
+      else:
+        flat[name] = str(value)
+
+  visit("", config)
+  return flat

@@ -1,0 +1,152 @@
+"""Config checks that run before anything is built or compiled.
+
+Each failure is a `ConfigError` whose message is one line: the field, the bad value, the fix.
+"""
+
+import os
+import uuid
+
+from etils import epath
+
+from mm_jax import sharding
+from mm_jax.sharding import ConfigError
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def _positive_int(value, field: str):
+  _require(
+    isinstance(value, int) and not isinstance(value, bool) and value > 0,
+    f"{field}={value!r}: use a positive integer",
+  )
+
+
+def validate(config, num_devices: int) -> dict[str, int]:
+  """Checks the whole config; returns the resolved mesh shape."""
+  mesh = sharding.mesh_shape(config.mesh, num_devices)
+  _validate_model(config.model, mesh)
+  _validate_optimizer(config.optimizer)
+  _validate_train(config.train)
+  _validate_data(config, mesh)
+  return mesh
+
+
+def _validate_model(m, mesh):
+  _positive_int(m.d, "config.model.d")
+  _positive_int(m.num_heads, "config.model.num_heads")
+  _require(
+    m.d % m.num_heads == 0,
+    f"config.model.d={m.d} is not divisible by config.model.num_heads={m.num_heads}: "
+    "pick num_heads dividing d",
+  )
+  _require(
+    isinstance(m.dropout, int | float) and 0.0 <= m.dropout < 1.0,
+    f"config.model.dropout={m.dropout!r}: use a value in [0, 1)",
+  )
+  for name in ("conv_group1", "conv_group2"):
+    steps = m[name]
+    ok = len(steps) > 0 and all(
+      len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in steps
+    )
+    _require(ok, f"config.model.{name}={steps!r}: use ((kernel, dilation), ...) positive ints")
+  for name in (
+    "encoder_blocks_before_ffn",
+    "encoder_blocks_after_ffn",
+    "decoder_blocks_before_ffn",
+    "decoder_blocks_after_ffn",
+  ):
+    value = m[name]
+    _require(
+      isinstance(value, int) and value >= 0, f"config.model.{name}={value!r}: use an integer >= 0"
+    )
+  _require(m.ffn in ("moe", "dense"), f"config.model.ffn={m.ffn!r}: use 'moe' or 'dense'")
+  _positive_int(m.vocab_size, "config.model.vocab_size")
+  _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
+  _require(m.dtype in _DTYPES, f"config.model.dtype={m.dtype!r}: use one of {_DTYPES}")
+  _require(
+    m.param_dtype in _DTYPES, f"config.model.param_dtype={m.param_dtype!r}: use one of {_DTYPES}"
+  )
+  _require(
+    m.vocab_size % mesh["model"] == 0,
+    f"config.model.vocab_size={m.vocab_size} is not divisible by config.mesh.model="
+    f"{mesh['model']}: pick a vocabulary size that is",
+  )
+  if m.ffn == "moe":
+    from mm_jax.models import moe
+
+    moe.validate_moe_config(m.moe, mesh)
+
+
+def _validate_optimizer(o):
+  _require(
+    isinstance(o.learning_rate, int | float) and o.learning_rate > 0,
+    f"config.optimizer.learning_rate={o.learning_rate!r}: use a positive number",
+  )
+  _require(
+    isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
+    f"config.optimizer.warmup_steps={o.warmup_steps!r}: use an integer >= 0",
+  )
+  decays = ("rsqrt", "cosine", "constant")
+  _require(o.decay in decays, f"config.optimizer.decay={o.decay!r}: use one of {decays}")
+  for name in ("b1", "b2"):
+    _require(0.0 <= o[name] < 1.0, f"config.optimizer.{name}={o[name]!r}: use a value in [0, 1)")
+  _require(o.eps > 0, f"config.optimizer.eps={o.eps!r}: use a positive number")
+  _require(
+    o.grad_clip_norm > 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm!r}: use a value > 0"
+  )
+  _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
+
+
+def _validate_train(t):
+  for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int(t[name], f"config.train.{name}")
+  _positive_int(t.max_consecutive_nonfinite, "config.train.max_consecutive_nonfinite")
+  _require(
+    isinstance(t.eval_batches, int) and t.eval_batches >= 0,
+    f"config.train.eval_batches={t.eval_batches!r}: use an integer >= 0",
+  )
+  _require(
+    0.0 <= t.label_smoothing < 1.0,
+    f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
+  )
+
+
+def _validate_data(config, mesh):
+  from mm_jax.data import pipeline, tasks
+
+  d = config.data
+  mixtures = ("embedded", "paper")
+  _require(d.mixture in mixtures, f"config.data.mixture={d.mixture!r}: use one of {mixtures}")
+  names = [t for t in str(d.tasks).split(",") if t]
+  _require(bool(names), "config.data.tasks is empty: name at least one task")
+  known = tuple(tasks.TASKS)
+  for name in names:
+    _require(
+      name in known, f"config.data.tasks has unknown task {name!r}: use some of {', '.join(known)}"
+    )
+  _require(len(set(names)) == len(names), "config.data.tasks lists a task twice: remove it")
+  _positive_int(d.global_batch_size, "config.data.global_batch_size")
+  for name in ("max_text_length", "max_audio_frames", "image_size", "caption_image_size"):
+    _positive_int(d[name], f"config.data.{name}")
+  data_parallel = mesh["data"] * mesh["expert"]
+  pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+
+
+def check_workdir(workdir: str):
+  """Fails early, with one line, if the workdir (a local path or gs://...) cannot be written."""
+  try:
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write_test_{os.getpid()}_{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as error:
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    raise ConfigError(
+      f"--workdir={workdir}: not writable ({reason}): choose a writable directory"
+    ) from None
