@@ -18,23 +18,25 @@ from mm_jax.models.moe import MoE, validate_moe_config
 
 D, HIDDEN = 8, 16
 
+GOOD = dict(
+  num_experts=8,
+  k=2,
+  hidden=16,
+  capacity_factor_train=1.25,
+  capacity_factor_eval=2.0,
+  group_size=64,
+  noisy_gating=True,
+  balance_loss="cv",
+  balance_coef=0.01,
+  z_loss_coef=0.0,
+  dispatch="capacity",
+)
+
 
 def make_layer(**overrides):
-  fields = dict(
-    num_experts=4,
-    k=2,
-    hidden=HIDDEN,
-    capacity_factor_train=1.0,
-    capacity_factor_eval=1.0,
-    group_size=16,
-    noisy_gating=False,
-    balance_loss="cv",
-    balance_coef=0.01,
-    z_loss_coef=0.001,
-    dispatch="capacity",
-  )
-  fields.update(overrides)
-  return MoE(**fields)
+  """Small, noise-free layer for exact comparisons."""
+  small = dict(hidden=HIDDEN, capacity_factor_train=1.0, capacity_factor_eval=1.0, group_size=16)
+  return MoE(**{**GOOD, **small, "noisy_gating": False, "z_loss_coef": 0.001, **overrides})
 
 
 def random_params(layer, x, seed):
@@ -249,7 +251,7 @@ def shardings_of(layer, x, mask, mesh):
   return nn.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh))
 
 
-def loss_and_grads(layer, params, x, mask, mesh):
+def loss_and_grads(layer, params, x, mask, mesh, set_mesh=False):
   """value_and_grad of a loss that uses the output, jitted with in/out shardings from the rules."""
 
   def loss(params, x):
@@ -258,7 +260,9 @@ def loss_and_grads(layer, params, x, mask, mesh):
 
   if mesh is None:
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
-  with mesh, nn.logical_axis_rules(sharding.logical_rules()):
+  # The layer must find the mesh set either way (flax's own constraints see only set_mesh).
+  context = jax.set_mesh(mesh) if set_mesh else mesh
+  with context, nn.logical_axis_rules(sharding.logical_rules()):
     param_shardings = shardings_of(layer, x, mask, mesh)
     x_sharding = sharding.batch_sharding(mesh, 3)
     step = jax.jit(
@@ -276,7 +280,8 @@ def test_sharded_equals_unsharded(devices, dispatch):
   params = random_params(layer, x, seed=3)
   want_value, want_grads = loss_and_grads(layer, params, x, mask, None)
   for name in MESHES:
-    value, grads = loss_and_grads(layer, params, x, mask, mesh_for(name, devices))
+    mesh = mesh_for(name, devices)
+    value, grads = loss_and_grads(layer, params, x, mask, mesh, set_mesh=name == "expert8")
     np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=name)
     jax.tree.map(
       lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name),
@@ -321,20 +326,6 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices):
 # ----------------------------------------------------------------------------------------------
 # Bad configs fail before compiling, with one line naming the field.
 
-GOOD = dict(
-  num_experts=8,
-  k=2,
-  hidden=16,
-  capacity_factor_train=1.25,
-  capacity_factor_eval=2.0,
-  group_size=64,
-  noisy_gating=True,
-  balance_loss="cv",
-  balance_coef=0.01,
-  z_loss_coef=0.0,
-  dispatch="capacity",
-)
-
 
 @pytest.mark.parametrize(
   "change,mesh_shape,field",
@@ -371,3 +362,22 @@ def test_from_config_reads_every_field():
   layer = MoE.from_config(moe_config, dtype="float32")
   for name in moe_lib.CONFIG_FIELDS:
     assert getattr(layer, name) == moe_config[name], name
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_bfloat16_activations_track_float32(dispatch):
+  x, mask = random_inputs(4, 16, seed=4)
+  layers = [make_layer(dispatch=dispatch, dtype=dtype) for dtype in (jnp.float32, jnp.bfloat16)]
+  params = random_params(layers[0], x, seed=6)
+
+  def loss(layer, params):
+    y, aux = layer.apply({"params": params}, jnp.asarray(x, layer.dtype), mask, train=False)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))) + aux
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  (v32, g32), (v16, g16) = (grad_fn(layer, params) for layer in layers)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  np.testing.assert_allclose(v16, v32, rtol=0.05, atol=0.5)
+  for name in g32:
+    scale = np.abs(np.asarray(g32[name])).max()
+    np.testing.assert_allclose(g16[name], g32[name], atol=0.05 * scale, err_msg=name)
