@@ -294,8 +294,9 @@ def collective_lines(hlo_text, op):
   return [line for line in hlo_text.splitlines() if re.search(rf"\b{op}(-start)?\(", line)]
 
 
-def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices):
-  layer = make_layer(num_experts=8, hidden=32)
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispatch):
+  layer = make_layer(num_experts=8, hidden=32, dispatch=dispatch)
   x, mask = random_inputs(16, 8, seed=2)
   mesh = mesh_for("data2_expert4", devices)
   with mesh, nn.logical_axis_rules(sharding.logical_rules()):
