@@ -36,18 +36,54 @@ def conv_padding(kernel: int, dilation: int, padding: str) -> tuple[int, int]:
   raise ValueError(f"padding={padding!r}: use 'same' or 'causal'")
 
 
+def _tap_windows(padded, kernel_shape, dilation, spatial):
+  """(tap index, the slice of `padded` that tap multiplies) for every kernel tap."""
+  for tap in np.ndindex(*kernel_shape):
+    start = [0] + [t * r for t, r in zip(tap, dilation)] + [0]
+    sizes = (padded.shape[0], *spatial, padded.shape[-1])
+    yield tap, jax.lax.slice(padded, start, [s + n for s, n in zip(start, sizes)])
+
+
+def _shifted_sum(x, kernel, dilation, pads):
+  spatial = x.shape[1:-1]
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  terms = (w * kernel[tap] for tap, w in _tap_windows(padded, kernel.shape[:-1], dilation, spatial))
+  return functools.reduce(jnp.add, terms)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x, kernel, dilation, pads):
+  return _shifted_sum(x, kernel, dilation, pads)
+
+
+def _depthwise_fwd(x, kernel, dilation, pads):
+  return _shifted_sum(x, kernel, dilation, pads), (x, kernel)
+
+
+def _depthwise_bwd(dilation, pads, saved, grad):
+  """Input gradient = the same conv of the gradient with flipped taps and swapped pads.
+
+  Autodiff would give one pad per tap plus one reduction per tap, each re-fusing the gradient's
+  producers; materialising the gradient once (the barrier) keeps the backward a few fusions.
+  """
+  x, kernel = saved
+  grad = jax.lax.optimization_barrier(grad)
+  spatial_axes = tuple(range(kernel.ndim - 1))
+  swapped = [(hi, lo) for lo, hi in pads]
+  dx = _shifted_sum(grad, jnp.flip(kernel, spatial_axes), dilation, swapped)
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  windows = _tap_windows(padded, kernel.shape[:-1], dilation, x.shape[1:-1])
+  reduce_axes = tuple(range(x.ndim - 1))
+  dkernel = jnp.stack([(w * grad).sum(reduce_axes) for _, w in windows])
+  return dx, dkernel.reshape(kernel.shape)
+
+
+_depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def depthwise_shifted(x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]]):
   """Depthwise conv as a sum of shifted slices times per-channel taps (memory-bound, no im2col)."""
-  spatial = x.shape[1:-1]
-  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  out = None
-  for tap in np.ndindex(*kernel.shape[:-1]):
-    start = [0] + [t * r for t, r in zip(tap, dilation)] + [0]
-    sizes = (x.shape[0], *spatial, x.shape[-1])
-    piece = jax.lax.slice(x, start, [s + n for s, n in zip(start, sizes)])
-    term = piece * kernel[tap]
-    out = term if out is None else out + term
-  return out
+  return _depthwise_shifted(x, kernel, tuple(dilation), tuple(tuple(p) for p in pads))
 
 
 def depthwise_grouped(x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]]):
