@@ -134,6 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.max_consecutive_nonfinite = 5
   t.fixed_batch = False  # debugging: train on the first batch over and over (can it fit?)
+  # Fault injection for tests: steps (0-based) whose gradients are replaced by NaN. Empty: off.
+  t.inject_nonfinite_steps = ()
   c.train = t
 
   dec = ml_collections.ConfigDict()

@@ -3,14 +3,55 @@
 A step directory is only visible to `all_steps()` once orbax has finished writing it (it writes to
 a temporary name and renames), so a kill mid-save never replaces the last good checkpoint. A
 checkpoint that exists but cannot be read (truncated file, disk fault) is skipped with a warning
-and the previous one is restored instead.
+and the previous one is restored instead. A save that fails (full disk, lost permissions) ends the
+run with a one-line `CheckpointWriteError` instead of a traceback from orbax's threads.
+
+The data iterator's position differs per process (its own shard and counters) while orbax writes
+JSON from process 0 only, so every process's position is gathered and saved as one list.
 """
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from mm_jax.sharding import ConfigError
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written; the message is one line naming the directory and cause."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+  text = str(error).splitlines()[0] if str(error) else ""
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}: {text}"
+
+
+def _gather_per_process(data_state) -> list:
+  """Every process's JSON-able state, in process order (a one-entry list on one process)."""
+  if jax.process_count() == 1:
+    return [data_state]
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([blob.size], np.int32))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[: blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(b[: int(n)]).decode()) for b, n in zip(blobs, lengths.ravel())]
+
+
+def _own_state(saved, step: int):
+  per_process = saved["per_process"]
+  if len(per_process) != jax.process_count():
+    raise ConfigError(
+      f"checkpoint step {step} holds data positions of {len(per_process)} processes but "
+      f"{jax.process_count()} are running: resume with the same process count"
+    )
+  return per_process[jax.process_index()]
 
 
 class Checkpointer:
@@ -28,12 +69,20 @@ class Checkpointer:
     )
 
   def save(self, step: int, state, data_state, force: bool = False) -> bool:
-    return self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-      ),
-      force=force,
+    data = {"per_process": _gather_per_process(data_state)}
+    try:
+      return self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+        force=force,
+      )
+    except Exception as error:  # noqa: BLE001 - any failure to write ends the run the same way
+      raise self._write_error(step, error) from None
+
+  def _write_error(self, step, error) -> CheckpointWriteError:
+    return CheckpointWriteError(
+      f"cannot write the step {step} checkpoint to {self.directory} ({_one_line(error)}): "
+      "free disk space or fix permissions, then rerun to resume from the last checkpoint"
     )
 
   def steps(self) -> list[int]:
@@ -51,21 +100,23 @@ class Checkpointer:
         )
       except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back
         logging.warning(
-          "checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+          "checkpoint at step %d in %s is unreadable (%s); trying the previous one",
           step,
           self.directory,
-          type(error).__name__,
-          str(error).splitlines()[0] if str(error) else "",
+          _one_line(error),
         )
         continue
-      return step, restored["state"], restored["data"]
+      return step, restored["state"], _own_state(restored["data"], step)
     return None
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - an async save failed in the background
+      raise self._write_error(self.manager.latest_step(), error) from None
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

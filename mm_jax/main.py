@@ -1,7 +1,9 @@
 """Entry point: `python -m mm_jax.main --config=configs/multimodel.py --workdir=DIR`.
 
 Any `--config.field=value` overrides a config field. A bad config ends the run before anything is
-compiled, with one line on stderr naming the field and the fix, and exit status 2.
+compiled, with one line on stderr naming the field and the fix, and exit status 2 (a bad flag
+too). Other exits: 3 after too many non-finite steps in a row, 4 when a checkpoint cannot be
+written, 143 after SIGTERM (a checkpoint of the current step was saved first).
 """
 
 import os
@@ -26,9 +28,40 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+def _one_line(error: BaseException) -> str:
+  """The cause, not the traceback: config files' own errors arrive wrapped in traceback text."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]
+  return " ".join(" ".join(lines).split())
+
+
+def _parse_flags(argv):
+  """absl's parsing, but a bad flag or override is one stderr line and exit 2, not usage text."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    print(f"flag error: {_one_line(error)}", file=sys.stderr, flush=True)
+  except (AttributeError, KeyError) as error:  # an override naming a field the config lacks
+    key = str(error).strip("\"'")
+    named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a]
+    print(
+      f"flag error: {', '.join(named) or key}: the config has no field {key!r}",
+      file=sys.stderr,
+      flush=True,
+    )
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"flag error: unexpected arguments {argv[1:]}: pass --flag=value only", file=sys.stderr)
+    sys.exit(2)
+  try:
+    _CONFIG.value.get  # noqa: B018 - a config file that failed to load raises only when read
+  except OSError as error:
+    print(f"flag error: --config: {_one_line(error)}", file=sys.stderr, flush=True)
+    sys.exit(2)
   import jax
 
   # TensorFlow only feeds data: keep it off any accelerator JAX is using.
@@ -42,6 +75,7 @@ def main(argv):
       process_id=_PROCESS_ID.value,
     )
   from mm_jax import train
+  from mm_jax.checkpointing import CheckpointWriteError
   from mm_jax.sharding import ConfigError
 
   logging.info(
@@ -55,8 +89,11 @@ def main(argv):
   except ConfigError as error:
     print(f"config error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except CheckpointWriteError as error:
+    print(f"checkpoint error: {error}", file=sys.stderr, flush=True)
+    sys.exit(4)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -26,13 +26,18 @@ def _positive_int(value, field: str):
   )
 
 
-def validate(config, num_devices: int) -> dict[str, int]:
-  """Checks the whole config; returns the resolved mesh shape."""
+def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int]:
+  """Checks the whole config; returns the resolved mesh shape.
+
+  `check_data=False` skips looking for the datasets on disk (ahead-of-time compilation reads none).
+  """
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   _validate_model(config.model, mesh)
   _validate_optimizer(config.optimizer)
   _validate_train(config.train)
   _validate_data(config, mesh)
+  if check_data:
+    _check_paper_sources(config)
   return mesh
 
 
@@ -114,6 +119,12 @@ def _validate_train(t):
     0.0 <= t.label_smoothing < 1.0,
     f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
   )
+  inject = t.get("inject_nonfinite_steps", ())
+  _require(
+    isinstance(inject, tuple | list)
+    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in inject),
+    f"config.train.inject_nonfinite_steps={inject!r}: use a tuple of step numbers >= 0",
+  )
 
 
 def _validate_data(config, mesh):
@@ -135,6 +146,40 @@ def _validate_data(config, mesh):
     _positive_int(d[name], f"config.data.{name}")
   data_parallel = mesh["data"] * mesh["expert"]
   pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+
+
+def _check_paper_sources(config):
+  """The paper mixture reads prepared TFDS datasets: say which one is missing before compiling."""
+  if config.data.mixture != "paper":
+    return
+  import tensorflow_datasets as tfds
+
+  from mm_jax.data import pipeline, ptb  # noqa: F401  (ptb registers mm_penn_treebank)
+
+  root = pipeline.tfds_data_dir(config)
+  if "://" not in root and not os.path.isdir(root):
+    raise ConfigError(
+      f"config.data.data_dir={config.data.data_dir!r}: directory {root} does not exist; the paper "
+      "mixture needs its TFDS datasets prepared there"
+    )
+  for task in pipeline.build_tasks(config).values():
+    source = task.source
+    if tfds.builder(source.tfds_name, data_dir=root).is_prepared():
+      continue
+    field = source.manual_dir_field
+    if field:
+      manual = config.data.get(field)
+      _require(
+        bool(manual) and os.path.isdir(os.path.expanduser(manual)),
+        f"config.data.{field}={manual!r}: task {task.name} needs {source.tfds_name} prepared in "
+        f"{root} or its source files in an existing config.data.{field}",
+      )
+      continue
+    raise ConfigError(
+      f"config.data.data_dir={config.data.data_dir!r}: task {task.name} needs TFDS dataset "
+      f"{source.tfds_name} prepared in {root}: run `tfds build {source.tfds_name.split('/')[0]} "
+      f"--data_dir={root}` where the data is reachable"
+    )
 
 
 def check_workdir(workdir: str):

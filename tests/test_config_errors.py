@@ -1,0 +1,192 @@
+"""Bad configs and command lines: one line naming the field, a non-zero exit, no checkpoint.
+
+Most cases go through `train.train_and_evaluate` in-process (validation runs before anything is
+built); a few go through the real command line, where flag parsing and exit codes live.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import multimodel as multimodel_config  # noqa: E402
+
+from mm_jax import train  # noqa: E402
+from mm_jax.sharding import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _set(config, key, value):
+  node = config
+  *path, leaf = key.split(".")
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+
+
+# (overrides on the tiny config, text the one-line message must contain)
+CASES = {
+  "d_zero": ({"model.d": 0}, "config.model.d"),
+  "heads_not_dividing_d": ({"model.num_heads": 3}, "config.model.num_heads"),
+  "dropout_above_one": ({"model.dropout": 1.5}, "config.model.dropout"),
+  "unknown_ffn": ({"model.ffn": "sparse"}, "config.model.ffn"),
+  "vocab_too_small": ({"model.vocab_size": 4}, "config.model.vocab_size"),
+  "unknown_dtype": ({"model.dtype": "float16"}, "config.model.dtype"),
+  "empty_conv_group": ({"model.conv_group1": ()}, "config.model.conv_group1"),
+  "negative_blocks": ({"model.encoder_blocks_before_ffn": -1}, "encoder_blocks_before_ffn"),
+  "vocab_not_split_by_model_axis": (
+    {"model.vocab_size": 255, "mesh.data": 4, "mesh.model": 2},
+    "config.model.vocab_size",
+  ),
+  "no_experts": ({"model.moe.num_experts": 0}, "moe.num_experts"),
+  "k_above_experts": ({"model.moe.k": 5}, "moe.k"),
+  "unknown_balance_loss": ({"model.moe.balance_loss": "l2"}, "moe.balance_loss"),
+  "unknown_dispatch": ({"model.moe.dispatch": "magic"}, "moe.dispatch"),
+  "zero_capacity": ({"model.moe.capacity_factor_train": 0.0}, "moe.capacity_factor_train"),
+  "experts_not_split_by_expert_axis": (
+    {"model.moe.num_experts": 6, "mesh.data": 2, "mesh.expert": 4},
+    "num_experts",
+  ),
+  "mesh_product_wrong": ({"mesh.data": 3}, "config.mesh"),
+  "mesh_two_fills": ({"mesh.expert": -1}, "config.mesh"),
+  "mesh_fill_impossible": ({"mesh.expert": 3}, "config.mesh.data"),
+  "mesh_zero_axis": ({"mesh.model": 0}, "config.mesh.model"),
+  "learning_rate_zero": ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate"),
+  "unknown_decay": ({"optimizer.decay": "linear"}, "config.optimizer.decay"),
+  "b1_one": ({"optimizer.b1": 1.0}, "config.optimizer.b1"),
+  "negative_warmup": ({"optimizer.warmup_steps": -5}, "config.optimizer.warmup_steps"),
+  "zero_steps": ({"train.num_steps": 0}, "config.train.num_steps"),
+  "zero_log_every": ({"train.log_every": 0}, "config.train.log_every"),
+  "smoothing_one": ({"train.label_smoothing": 1.0}, "config.train.label_smoothing"),
+  "zero_nonfinite_limit": (
+    {"train.max_consecutive_nonfinite": 0},
+    "config.train.max_consecutive_nonfinite",
+  ),
+  "negative_injected_step": (
+    {"train.inject_nonfinite_steps": (-1,)},
+    "config.train.inject_nonfinite_steps",
+  ),
+  "unknown_task": ({"data.tasks": "image_classification,nosuch"}, "config.data.tasks"),
+  "no_tasks": ({"data.tasks": ""}, "config.data.tasks"),
+  "task_twice": ({"data.tasks": "translate_en_de,translate_en_de"}, "config.data.tasks"),
+  "unknown_mixture": ({"data.mixture": "mine"}, "config.data.mixture"),
+  "batch_not_split": ({"data.global_batch_size": 12}, "global_batch_size"),
+  "zero_text_length": ({"data.max_text_length": 0}, "config.data.max_text_length"),
+}
+
+
+def _expect_config_error(config, workdir, field):
+  with pytest.raises(ConfigError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(info.value)
+  assert field in message, message
+  assert "\n" not in message, message
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  return message
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_invalid_config_is_one_line_naming_the_field(name, tmp_path):
+  overrides, field = CASES[name]
+  config = multimodel_config.get_config("tiny")
+  for key, value in overrides.items():
+    _set(config, key, value)
+  _expect_config_error(config, tmp_path / "work", field)
+
+
+def test_paper_mixture_without_its_data_dir(tmp_path):
+  config = multimodel_config.get_config("paper")
+  config.mesh.expert = 1
+  config.data.data_dir = str(tmp_path / "missing")
+  _expect_config_error(config, tmp_path / "work", "config.data.data_dir")
+
+
+def test_paper_mixture_with_an_empty_data_dir_names_the_dataset(tmp_path):
+  config = multimodel_config.get_config("paper")
+  config.mesh.expert = 1
+  config.data.data_dir = str(tmp_path)
+  message = _expect_config_error(config, tmp_path / "work", "config.data.data_dir")
+  assert "imagenet2012" in message  # the first task's dataset, with the build command
+
+
+def test_paper_parsing_without_penn_treebank_names_ptb_dir(tmp_path):
+  config = multimodel_config.get_config("paper")
+  config.mesh.expert = 1
+  config.data.tasks = "constituency_parsing"
+  config.data.data_dir = str(tmp_path)
+  _expect_config_error(config, tmp_path / "work", "config.data.ptb_dir")
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  config = multimodel_config.get_config("tiny")
+  _expect_config_error(config, blocker / "work", "--workdir")
+
+
+def _run_main(args, workdir, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run(
+    [sys.executable, "-m", "mm_jax.main", f"--workdir={workdir}", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+# Rejected while parsing flags, before jax is imported: about a second each.
+FLAG_CASES = {
+  "wrong_type": (["--config.train.num_steps=abc"], "--config.train.num_steps"),
+  "float_for_int": (["--config.data.global_batch_size=2.5"], "--config.data.global_batch_size"),
+  "bool_garbage": (["--config.train.fixed_batch=maybe"], "--config.train.fixed_batch"),
+  "unknown_field": (["--config.train.nosuch=3"], "--config.train.nosuch"),
+  "unknown_flag": (["--bogus=1"], "bogus"),
+  "unknown_variant": (["--config=configs/multimodel.py:huge"], "huge"),
+  "missing_config_file": (["--config=configs/nosuch.py"], "configs/nosuch.py"),
+  "stray_argument": (["stray"], "stray"),
+}
+
+
+def _one_error_line(stderr, prefix):
+  lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
+  assert len(lines) == 1, stderr
+  assert "Traceback" not in stderr, stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_CASES))
+def test_bad_command_line_is_one_line(name, tmp_path):
+  args, named = FLAG_CASES[name]
+  if not any(a.startswith("--config=") for a in args):
+    args = ["--config=configs/multimodel.py:tiny", *args]
+  result = _run_main(args, tmp_path / "work")
+  assert result.returncode == 2, result.stderr
+  assert named in _one_error_line(result.stderr, "flag error:")
+  assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_missing_config_flag(tmp_path):
+  result = _run_main([], tmp_path / "work")
+  assert result.returncode == 2, result.stderr
+  assert "--config" in _one_error_line(result.stderr, "flag error:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "args, field",
+  [
+    (["--config.mesh.data=3"], "config.mesh"),
+    (["--config.data.tasks=image_classification,nosuch"], "config.data.tasks"),
+  ],
+  ids=["impossible_mesh", "unknown_task"],
+)
+def test_invalid_value_on_the_command_line_exits_2(args, field, tmp_path):
+  result = _run_main(["--config=configs/multimodel.py:tiny", *args], tmp_path / "work")
+  assert result.returncode == 2, result.stderr
+  assert field in _one_error_line(result.stderr, "config error:")
+  assert not (tmp_path / "work" / "checkpoints").exists()
