@@ -4,9 +4,6 @@ Teacher-forced log-perplexity and per-token accuracy line up with the paper's ta
 metrics (BLEU, WER, bracket F1, top-k accuracy) are what users judge a model by.
 """
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +25,8 @@ class Evaluator:
     self.tokenizer = tokenizer
     self.batches = {name: self._held_out(name) for name in tasks}
     self._forward = jax.jit(self._forward_fn, static_argnames="signature")
-    self._greedy = jax.jit(
-      functools.partial(decode.greedy_uncached, model),
-      static_argnames=("signature", "max_length"),
-    )
+    # Cached greedy or beam search, as config.decode says (mm_jax/decode.py).
+    self._decode = decode.jit_decoder(model, config.decode)
 
   def _held_out(self, name):
     if self.config.train.eval_batches == 0:
@@ -66,7 +61,7 @@ class Evaluator:
     hypotheses, references, all_logits, labels = [], [], [], []
     for host_batch in batches:
       arrays = {k: v for k, v in host_batch.items() if not k.startswith("raw_")}
-      with self.mesh, nn.logical_axis_rules(self.rules):
+      with sharding.activate(self.mesh, self.rules):
         batch = sharding.global_batch(arrays, self.mesh)
         stats, logits = self._forward(params, batch, signature=signature)
         for key in sums:
@@ -76,9 +71,8 @@ class Evaluator:
           all_logits.append(np.asarray(jax.device_get(logits))[valid])
           labels.append(arrays["targets"][valid])
         elif decode_outputs:
-          max_length = arrays["targets"].shape[1]
-          tokens = self._greedy(params, batch, signature=signature, max_length=max_length)
-          decoded = [self.tokenizer.decode(ids) for ids in decode.strip_after_eos(tokens)]
+          tokens = self._decode(params, batch, signature=signature)
+          decoded = [self._detokenize(ids) for ids in decode.strip_after_eos(tokens)]
           hypotheses += [h for h, v in zip(decoded, valid) if v]
           references += [_text(r) for r, v in zip(host_batch["raw_targets"], valid) if v]
     tokens = max(sums["tokens"], 1.0)
@@ -95,6 +89,11 @@ class Evaluator:
       if hypotheses and metric in metrics.TEXT_METRICS:
         result[metric] = metrics.TEXT_METRICS[metric](hypotheses, references)
     return result
+
+  def _detokenize(self, ids):
+    # The trained vocabulary may be smaller than the model's softmax: ids past it never occur
+    # as targets, so an untrained model is the only one to emit them. They are dropped.
+    return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
 
   @staticmethod
   def flatten(results):
@@ -113,3 +112,63 @@ class Evaluator:
 
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m mm_jax.evaluate --workdir=DIR [--config=...] [--tasks=a,b] [--eval_batches=N]`:
+# the trainer's evaluation on the newest checkpoint, printed as a table and saved as JSON.
+
+
+def main(argv):
+  import json
+  import os
+  import sys
+
+  from absl import flags
+
+  from mm_jax import predict
+
+  del argv
+  values = flags.FLAGS
+  try:
+    run = predict.load_run(values.workdir, values.config)
+    chosen = values.tasks.split(",") if values.tasks else list(run.tasks)
+    unknown = [t for t in chosen if t not in run.tasks]
+    if unknown:
+      raise predict.PredictError(f"unknown task(s) {unknown}: this run has {', '.join(run.tasks)}")
+  except predict.PredictError as error:
+    print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  config = run.config
+  if values.eval_batches is not None:
+    config.train.eval_batches = values.eval_batches
+  if values.beam_size is not None:
+    config.decode.beam_size = values.beam_size
+  tasks = {name: run.tasks[name] for name in chosen}
+  evaluator = Evaluator(config, run.model, run.plan, tasks, run.mesh, run.rules, run.tokenizer)
+  results = evaluator.evaluate(run.params)
+  print(f"step {run.step}, beam size {config.decode.beam_size}")
+  print(Evaluator.table(results), flush=True)
+  if jax.process_index() == 0:
+    path = os.path.join(values.workdir, f"eval_step{run.step}.json")
+    with open(path, "w") as f:
+      json.dump({"step": run.step, "results": results}, f, indent=2)
+    print(f"wrote {path}")
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
+  flags.DEFINE_string("tasks", None, "comma-separated tasks (default: all of the run's)")
+  flags.DEFINE_integer("eval_batches", None, "held-out batches per task (default: the config's)")
+  flags.DEFINE_integer("beam_size", None, "override config.decode.beam_size")
+  config_flags.DEFINE_config_file("config", None, "config (default: the workdir's config.json)")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)

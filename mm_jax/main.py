@@ -28,6 +28,23 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+class _LibraryInfoFilter:
+  """Keeps INFO lines from our code and clu's writers; libraries' INFO chatter is dropped."""
+
+  _NOISY = ("tensorflow_datasets", "orbax", "etils", "jax/_src")
+
+  def filter(self, record):
+    if record.levelno >= 30:  # warnings and errors always pass
+      return True
+    return not any(part in record.pathname for part in self._NOISY)
+
+
+def _quiet_library_logs():
+  import logging as std_logging
+
+  std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
+
+
 def _one_line(error: BaseException) -> str:
   """The cause, not the traceback: config files' own errors arrive wrapped in traceback text."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -62,6 +79,7 @@ def main(argv):
   except OSError as error:
     print(f"flag error: --config: {_one_line(error)}", file=sys.stderr, flush=True)
     sys.exit(2)
+  _quiet_library_logs()
   import jax
 
   # TensorFlow only feeds data: keep it off any accelerator JAX is using.
@@ -89,6 +107,13 @@ def main(argv):
   except ConfigError as error:
     print(f"config error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except train.Preempted as stop:
+    # Non-zero so that launchers (launch/tpu_pod.sh) rerun the job, which then resumes.
+    print(f"preempted: {stop}", file=sys.stderr, flush=True)
+    sys.exit(143)
+  except train.NonFiniteError as error:
+    print(f"stopped: {error}", file=sys.stderr, flush=True)
+    sys.exit(3)
   except CheckpointWriteError as error:
     print(f"checkpoint error: {error}", file=sys.stderr, flush=True)
     sys.exit(4)

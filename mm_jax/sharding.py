@@ -5,6 +5,7 @@ only the rules below decide which mesh axis, if any, each name is split over. Ch
 parallelism is a config change, never a model change.
 """
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -114,3 +115,16 @@ def global_batch(local_batch, mesh: Mesh):
     lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x),
     local_batch,
   )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=None):
+  """Mesh and logical rules for tracing: flax resolves logical constraints via jax.set_mesh.
+
+  (A bare `with mesh:` is not enough: flax's `with_logical_constraint` reads the abstract mesh
+  that only `jax.set_mesh` installs, and silently does nothing without it.)
+  """
+  import flax.linen as nn
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules() if rules is None else rules):
+    yield

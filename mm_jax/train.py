@@ -8,6 +8,8 @@ optimizer update. A one-entry mixture is the single-task baseline, with no other
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from mm_jax import checkpointing, evaluate, grouping, losses, optimizer, sharding, validation
 from mm_jax.data import pipeline
@@ -32,6 +35,40 @@ class TrainState(flax.struct.PyTreeNode):
   # Consecutive steps whose loss or gradients were not finite (their updates were skipped).
   nonfinite_streak: jax.Array
   nonfinite_total: jax.Array
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived: a checkpoint of the current step was written before this was raised."""
+
+
+class _TerminationFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (a save mid-step is unsafe)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _on_any_process(flag: bool) -> bool:
+  """SIGTERM can reach a pod's hosts at different steps; all stop (and save) at the same one."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 class NonFiniteError(RuntimeError):
@@ -75,7 +112,18 @@ def forward_losses(model, params, batches, plan, *, train, rng, step, label_smoo
   return total_task_loss + total_aux, (per_task, total_aux)
 
 
-def train_step(state, batches, rng, *, model, tx, plan, label_smoothing):
+def inject_nonfinite(grads, step, steps):
+  """Fault injection (config.train.inject_nonfinite_steps): NaN gradients at those steps.
+
+  Empty `steps` traces nothing, so a normal run's compiled step is unchanged.
+  """
+  if not steps:
+    return grads
+  hit = jnp.isin(step, jnp.asarray(steps, jnp.int32))
+  return jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
+
+
+def train_step(state, batches, rng, *, model, tx, plan, label_smoothing, inject_nonfinite_steps=()):
   """One optimizer update from every task group; skipped (and counted) if anything is non-finite."""
 
   def loss_fn(params):
@@ -91,6 +139,7 @@ def train_step(state, batches, rng, *, model, tx, plan, label_smoothing):
     )
 
   (loss, (per_task, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = inject_nonfinite(grads, state.step, inject_nonfinite_steps)
   grad_norm = optax_global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -142,6 +191,35 @@ def _merge(a, b):
   return out
 
 
+def state_layout(init, example_specs, mesh, rules):
+  """The train state's shapes and shardings from eval_shape: nothing is allocated."""
+  rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the mesh may be a compile target
+  with sharding.activate(mesh, rules):
+    boxed = jax.eval_shape(init, rng, example_specs)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    shardings = _fill_replicated(shardings, mesh)
+    unboxed = jax.eval_shape(lambda r, b: nn.unbox(init(r, b)), rng, example_specs)
+  return unboxed, shardings
+
+
+def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings):
+  """The jitted step (aot.py compiles this same function for TPU slices ahead of time)."""
+  step_fn = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    plan=plan,
+    label_smoothing=config.train.label_smoothing,
+    inject_nonfinite_steps=tuple(config.train.get("inject_nonfinite_steps", ())),
+  )
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains, evaluates and checkpoints.
 
@@ -158,6 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   writer.write_hparams(_flat_hparams(config))
+  if is_chief:  # python -m mm_jax.evaluate / predict / gallery read the run's config from here
+    epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------------------------ data
   tasks = pipeline.build_tasks(config)
@@ -184,14 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   )
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_specs)
   init = functools.partial(init_state, model=model, tx=tx, plan=plan)
-  with mesh, nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init, jax.random.key(0), example_specs)
-    state_shardings = nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(abstract_boxed), mesh, rules
-    )
-    state_shardings = _fill_replicated(state_shardings, mesh)
-    unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
-    abstract_state = jax.eval_shape(unboxed_init, jax.random.key(0), example_specs)
+  unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
+  abstract_state, state_shardings = state_layout(init, example_specs, mesh, rules)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
   ckpt = checkpointing.Checkpointer(
@@ -202,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     checkpointing.abstract_with_shardings(abstract_state, state_shardings)
   )
   if restored is None:
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.activate(mesh, rules):
       state = jax.jit(unboxed_init, out_shardings=state_shardings)(
         rng, sharding.global_batch(example, mesh)
       )
@@ -216,16 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   logging.info("parameters: %s", f"{num_params:,}")
 
   # ------------------------------------------------------------------ the step
-  step_fn = functools.partial(
-    train_step, model=model, tx=tx, plan=plan, label_smoothing=config.train.label_smoothing
-  )
-  with mesh, nn.logical_axis_rules(rules):
-    jit_step = jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-    )
+  jit_step = jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
   evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
 
   # ------------------------------------------------------------------ the loop
@@ -236,14 +301,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step = start_step
   final_metrics = {}
   t_start = time.time()
+  termination = _TerminationFlag().__enter__()
   while step < num_steps:
+    if _on_any_process(termination.raised):
+      ckpt.save(step, state, train_iter.get_state(), force=True)
+      ckpt.close()
+      termination.__exit__()
+      raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if config.train.fixed_batch:
         task_batches = first
       else:
         task_batches, pending = (pending if pending is not None else next(train_iter)), None
       batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
-      with mesh, nn.logical_axis_rules(rules):
+      with sharding.activate(mesh, rules):
         state, metrics = jit_step(state, batches, rng)
     step += 1
     if step == start_step + 1:
@@ -274,6 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       with report.timed("eval"):
         final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
       writer.write_scalars(step, evaluator.flatten(final_metrics))
+  termination.__exit__()
   ckpt.close()
   writer.flush()
   if is_chief and final_metrics:

@@ -1,6 +1,7 @@
 """Test session set-up: 8 forced CPU devices, before anything imports jax."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,6 +15,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+# Many tests compile the same programs (each trainer run builds its step afresh): a persistent
+# compilation cache, private to this session, lets later compiles of an identical program hit.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mm_jax_jit_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

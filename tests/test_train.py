@@ -1,0 +1,114 @@
+"""The trainer end to end on the tiny config: meshes agree, loss falls, resume is exact, logs."""
+
+import glob
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import multimodel as multimodel_config  # noqa: E402
+
+from mm_jax import train  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Few steps, no decoding evaluation: these tests are about the step, not the metrics.
+STEPS = 4
+
+
+# Every group the step unrolls costs tens of seconds of compilation per mesh here, so these
+# tests use one group of two tasks (text -> text: encoder, mixer, decoder, MoE, per-task split).
+# The modality nets are covered by test_model.py.
+TASKS = "tasks=translate_en_de+translate_de_en"
+
+
+def tiny_config(data_dir, **overrides):
+  config = multimodel_config.get_config(f"tiny,{TASKS}")
+  config.data.data_dir = str(data_dir)
+  config.train.num_steps = STEPS
+  config.train.log_every = 1
+  config.train.eval_every = 1000
+  config.train.eval_batches = 0
+  config.train.checkpoint_every = 2
+  config.model.moe.noisy_gating = False  # noise draws differ with the device layout
+  # Routing groups never straddle devices; 16 tokens divides every device's share on every mesh
+  # below, so the groups (and hence drops and balance losses) are the same on all of them.
+  config.model.moe.group_size = 16
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def losses_of(result):
+  return np.array([metrics["loss"] for _, metrics in result["train"]])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(data_dir, tmp_path_factory):
+  config = tiny_config(data_dir, **{"mesh.data": 1})
+  workdir = tmp_path_factory.mktemp("one_device")
+  result = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  return workdir, losses_of(result)
+
+
+@pytest.mark.parametrize(
+  "mesh",
+  [{"data": 8}, {"data": 2, "expert": 4}, {"data": 2, "expert": 2, "model": 2}],
+  ids=["data8", "data2_expert4", "data2_expert2_model2"],
+)
+def test_sharded_losses_equal_one_device(mesh, data_dir, one_device_run, tmp_path):
+  config = tiny_config(data_dir, **{f"mesh.{k}": v for k, v in {"data": 1, **mesh}.items()})
+  losses = losses_of(train.train_and_evaluate(config, str(tmp_path)))
+  assert len(losses) == STEPS
+  np.testing.assert_allclose(losses, one_device_run[1], rtol=2e-5, atol=2e-5)
+
+
+def test_resume_continues_with_identical_losses(data_dir, one_device_run, tmp_path):
+  one_device = {"mesh.data": 1}
+  config = tiny_config(data_dir, **one_device, **{"train.num_steps": 2})
+  first = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert len(first["train"]) == 2
+  config = tiny_config(data_dir, **one_device)
+  second = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert [step for step, _ in second["train"]] == [3, 4]
+  np.testing.assert_array_equal(losses_of(second), one_device_run[1][2:])
+
+
+def test_loss_decreases_on_a_fixed_batch(data_dir, tmp_path):
+  config = tiny_config(
+    data_dir,
+    **{"mesh.data": 1, "train.num_steps": 30, "optimizer.warmup_steps": 5},
+    **{"optimizer.learning_rate": 3e-3},
+    **{"train.fixed_batch": True, "train.checkpoint_every": 100},
+  )
+  losses = losses_of(train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1]))
+  windows = losses.reshape(3, 10).mean(axis=1)
+  assert np.all(np.diff(windows) < 0), losses
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_tensorboard_has_per_task_scalars(one_device_run):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = glob.glob(str(one_device_run[0] / "events.out.tfevents.*"))
+  assert events
+  tags = set()
+  for path in events:
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    tags |= set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+  for task in ("translate_en_de", "translate_de_en"):
+    assert f"train/{task}/loss" in tags, sorted(tags)
+    assert f"train/{task}/accuracy" in tags
