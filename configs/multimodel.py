@@ -67,6 +67,9 @@ def _model(size: str) -> ml_collections.ConfigDict:
   moe.balance_coef = 0.01
   moe.z_loss_coef = 0.0
   moe.dispatch = "capacity"  # "capacity" | "dropless"
+  # Inference never drops tokens (capacity = group size) unless True; exact cached decoding
+  # needs False (mm_jax/models/moe.py).
+  moe.eval_drops = False
   m.moe = moe
   return m
 

@@ -4,6 +4,11 @@ Sequences are [batch, length, channels]; modality nets reuse the same pieces on 
 [batch, height, width, channels]. Padding is either "same" (encoder: sees both sides, with padded
 positions zeroed first so that appended padding never changes real positions) or "causal" (mixer and
 decoder: padded on the left only, so no position sees the future).
+
+Incremental decoding (`decode=True`) runs the causal pieces one position at a time: each causal
+conv keeps its last (kernel - 1) * dilation inputs in the "cache" collection, and attention keeps
+the memory's keys, values and mask bias in the "memory" collection (computed on the first call).
+The first call only creates these variables; later calls read and advance them.
 """
 
 import functools
@@ -45,8 +50,9 @@ def _tap_windows(padded, kernel_shape, dilation, spatial):
 
 
 def _shifted_sum(x, kernel, dilation, pads):
-  spatial = x.shape[1:-1]
   padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  # "Valid" output size of the padded input (the input's own size under same/causal pads).
+  spatial = [n - (k - 1) * r for n, k, r in zip(padded.shape[1:-1], kernel.shape[:-1], dilation)]
   terms = (w * kernel[tap] for tap, w in _tap_windows(padded, kernel.shape[:-1], dilation, spatial))
   return functools.reduce(jnp.add, terms)
 
@@ -167,7 +173,7 @@ class SeparableConv(nn.Module):
   impl: str = DEPTHWISE_IMPL
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, decode: bool = False):
     dilation = self.dilation or (1,) * len(self.kernel_size)
     names = (*_spatial_names(len(self.kernel_size)), self.channel_name)
     fan_in = math.prod(self.kernel_size)
@@ -177,8 +183,29 @@ class SeparableConv(nn.Module):
       (*self.kernel_size, x.shape[-1]),
     )
     pads = [conv_padding(k, r, self.padding) for k, r in zip(self.kernel_size, dilation)]
-    y = DEPTHWISE[self.impl](x.astype(self.dtype), taps.astype(self.dtype), dilation, pads)
+    x = x.astype(self.dtype)
+    if decode:
+      x = self._with_history(x, dilation)
+      pads = [(0, 0)]  # the history is exactly the causal left padding
+    y = DEPTHWISE[self.impl](x, taps.astype(self.dtype), dilation, pads)
     return Dense(self.features, (self.channel_name, "mlp"), dtype=self.dtype, name="pointwise")(y)
+
+  def _with_history(self, x, dilation):
+    """x [B, n, C] preceded by the inputs this conv saw last; the history then advances by n."""
+    if self.padding != "causal" or len(self.kernel_size) != 1:
+      raise ValueError("incremental decoding needs a 1-D causal conv")
+    history = (self.kernel_size[0] - 1) * dilation[0]
+    if history == 0:
+      return x
+    started = self.has_variable("cache", "inputs")
+    cache = self.variable(
+      "cache", "inputs", jnp.zeros, (x.shape[0], history, x.shape[-1]), x.dtype
+    )  # zeros = the causal padding before position 0
+    window = jnp.concatenate([cache.value, x], axis=1)
+    window = nn.with_logical_constraint(window, ("batch", "length", self.channel_name))
+    if started:
+      cache.value = window[:, -history:]
+    return window
 
 
 class ConvStep(nn.Module):
@@ -193,7 +220,7 @@ class ConvStep(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, *, decode: bool = False):
     if self.first_relu:
       x = nn.relu(x)
     x = zero_padding(x, mask)
@@ -205,7 +232,7 @@ class ConvStep(nn.Module):
       self.channel_name,
       self.dtype,
       name="conv",
-    )(x)
+    )(x, decode=decode)
     return LayerNorm(self.channel_name, name="norm")(x)
 
 
@@ -224,14 +251,14 @@ class ConvBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *, train: bool = False):
+  def __call__(self, x, mask=None, *, train: bool = False, decode: bool = False):
     d = x.shape[-1]
     for g, group in enumerate(self.groups):
       y = x
       for s, (kernel, dilation) in enumerate(group):
         y = ConvStep(
           d, (kernel,), (dilation,), self.padding, dtype=self.dtype, name=f"group{g}_step{s}"
-        )(y, mask)
+        )(y, mask, decode=decode)
       x = residual(x, y, self.dropout, train, f"group{g}_norm")
       x = nn.with_logical_constraint(x, EMBED_AXES)
     return x
@@ -252,6 +279,12 @@ def add_timing_signal(x):
   return x + jnp.asarray(_timing_signal(x.shape[1], x.shape[2]), x.dtype)
 
 
+def timing_signal_at(position, max_length: int, channels: int):
+  """Row `position` (traced) of the timing signal, [channels]: the same float32 values that
+  add_timing_signal adds at that position."""
+  return jnp.asarray(_timing_signal(max_length, channels))[position]
+
+
 class MultiHeadAttention(nn.Module):
   """Dot-product attention from queries to a memory, float32 softmax, padded keys masked."""
 
@@ -259,7 +292,7 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, queries, memory, memory_mask):
+  def __call__(self, queries, memory, memory_mask, *, decode: bool = False):
     d = queries.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"model.d={d} must divide by model.num_heads={self.num_heads}")
@@ -275,10 +308,16 @@ class MultiHeadAttention(nn.Module):
       return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w.astype(self.dtype))
 
     q = proj("query", queries) * head**-0.5
-    k = proj("key", memory)
-    v = proj("value", memory)
+    if decode and self.has_variable("memory", "key"):
+      k, v, bias = (self.get_variable("memory", n) for n in ("key", "value", "bias"))
+    else:
+      k = proj("key", memory)
+      v = proj("value", memory)
+      bias = jnp.where(memory_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+      if decode:  # the memory is fixed while decoding: project it once
+        for name, value in (("key", k), ("value", v), ("bias", bias)):
+          self.put_variable("memory", name, value)
     logits = jnp.einsum("bqhk,bmhk->bhqm", q, k, preferred_element_type=jnp.float32)
-    bias = jnp.where(memory_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqm,bmhk->bqhk", weights, v)
     w_out = self.param(
@@ -304,11 +343,17 @@ class AttentionBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, memory, memory_mask, *, train: bool = False):
+  def __call__(self, x, memory, memory_mask, *, train: bool = False, timing=None):
+    """`timing`: None for whole sequences; when decoding one position, its timing-signal row."""
     d = x.shape[-1]
-    q = add_timing_signal(x)
+    decode = timing is not None
+    q = x + timing.astype(x.dtype) if decode else add_timing_signal(x)
     for s, (kernel, dilation) in enumerate(self.query_convs):
-      q = ConvStep(d, (kernel,), (dilation,), "causal", dtype=self.dtype, name=f"query_step{s}")(q)
-    y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(q, memory, memory_mask)
+      q = ConvStep(d, (kernel,), (dilation,), "causal", dtype=self.dtype, name=f"query_step{s}")(
+        q, decode=decode
+      )
+    y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(
+      q, memory, memory_mask, decode=decode
+    )
     x = residual(x, y, self.dropout, train, "norm")
     return nn.with_logical_constraint(x, EMBED_AXES)

@@ -8,6 +8,15 @@ Routing is noisy top-k gating in float32. Two ways to move tokens to experts, pi
   move the dispatched buffer from the group axis onto the expert axis, so XLA emits all-to-all.
 - "dropless": every token reaches its experts: tokens are sorted by expert and multiplied with
   `jax.lax.ragged_dot` inside `jax.shard_map`, with an explicit all-to-all over the expert axis.
+
+At inference (train=False) the capacity path never drops a token when `eval_drops` is False, the
+MultiModel's setting (configs/multimodel.py, and `from_config`'s default): the capacity is raised
+to the group size (a token picks k distinct experts, so no expert can receive more than one
+assignment per token). A token's output then depends on no other token, which is what lets cached
+decoding (one position at a time) reproduce full recomputation exactly. The price is E / k times
+the expert FLOPs of the kept tokens at eval; set `eval_drops=True` (capacity_factor_eval decides;
+the layer's own default, for use outside the MultiModel) for large E where that matters more than
+exact incremental decoding, or use dispatch="dropless".
 """
 
 import math
@@ -471,11 +480,13 @@ class MoE(nn.Module):
   balance_coef: float = 0.01
   z_loss_coef: float = 0.0
   dispatch: str = "capacity"
+  eval_drops: bool = True
   dtype: Any = jnp.float32
 
   @classmethod
   def from_config(cls, moe_config, dtype=jnp.float32, **kwargs) -> "MoE":
     fields = {name: moe_config[name] for name in CONFIG_FIELDS}
+    fields["eval_drops"] = bool(moe_config.get("eval_drops", False))
     return cls(**fields, dtype=jnp.dtype(dtype), **kwargs)
 
   @nn.compact
@@ -534,6 +545,8 @@ class MoE(nn.Module):
       group_ways = _ways(layout.mesh, layout.group)
       size = routing_group_size(batch * length, self.group_size, group_ways)
       capacity = expert_capacity(size, self.k, num_experts, factor)
+      if not train and not self.eval_drops:
+        capacity = size  # never drops: see the module docstring
       groups = batch * length // size
       routing = Routing(
         index.reshape(groups, size, -1), gates.reshape(groups, size, -1), mask.reshape(groups, size)

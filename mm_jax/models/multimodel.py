@@ -2,6 +2,9 @@
 
 The body never knows which task it runs: a TaskSignature (static) picks the modality nets, and
 `batch["target_space"]` (per example) picks the learned embedding that starts the decoder.
+
+`decode_step` runs the mixer and decoder one target position at a time over cached state (see
+blocks.py); it computes exactly what `decode` computes at that position.
 """
 
 from collections.abc import Mapping
@@ -17,6 +20,7 @@ from mm_jax.models.blocks import (
   ConvStep,
   LayerNorm,
   add_timing_signal,
+  timing_signal_at,
   zero_padding,
 )
 from mm_jax.models.ffn import DenseFFN
@@ -106,17 +110,19 @@ class Mixer(nn.Module):
   config: Any
 
   @nn.compact
-  def __call__(self, shifted, memory, memory_mask, *, train: bool):
+  def __call__(self, shifted, memory, memory_mask, *, train: bool, timing=None):
     c = self.config
     if c.use_attention:
       context = AttentionBlock(
         c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention"
-      )(shifted, memory, memory_mask, train=train)
+      )(shifted, memory, memory_mask, train=train, timing=timing)
     else:
       context = jnp.broadcast_to(masked_mean(memory, memory_mask), shifted.shape)
     kernel = _conv_groups(c)[0][0][0]
     merged = jnp.concatenate([shifted, context.astype(shifted.dtype)], axis=-1)
-    x = ConvStep(c.d, (kernel,), (1,), "causal", dtype=_dtype(c), name="merge")(merged)
+    x = ConvStep(c.d, (kernel,), (1,), "causal", dtype=_dtype(c), name="merge")(
+      merged, decode=timing is not None
+    )
     return nn.with_logical_constraint(x, EMBED_AXES)
 
 
@@ -130,13 +136,15 @@ class DecoderLayer(nn.Module):
   config: Any
 
   @nn.compact
-  def __call__(self, x, memory, memory_mask, *, train: bool):
+  def __call__(self, x, memory, memory_mask, *, train: bool, timing=None):
     c = self.config
     # Causal convs: padding sits to the right of every real position, so nothing to mask.
-    x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), name="convs")(x, train=train)
+    x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), name="convs")(
+      x, train=train, decode=timing is not None
+    )
     if c.use_attention:
       x = AttentionBlock(c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention")(
-        x, memory, memory_mask, train=train
+        x, memory, memory_mask, train=train, timing=timing
       )
     return x
 
@@ -152,12 +160,12 @@ class Decoder(nn.Module):
     self.ffn = FFNLayer(c)
     self.after = [DecoderLayer(c) for _ in range(c.decoder_blocks_after_ffn)]
 
-  def __call__(self, x, mask, memory, memory_mask, *, train: bool):
+  def __call__(self, x, mask, memory, memory_mask, *, train: bool, timing=None):
     for layer in self.before:
-      x = layer(x, memory, memory_mask, train=train)
+      x = layer(x, memory, memory_mask, train=train, timing=timing)
     x, aux = self.ffn(x, mask, train=train)
     for layer in self.after:
-      x = layer(x, memory, memory_mask, train=train)
+      x = layer(x, memory, memory_mask, train=train, timing=timing)
     return x, aux
 
 
@@ -215,8 +223,14 @@ class MultiModel(nn.Module):
     x, aux = self.encoder(x, mask, train=train)
     return x, mask, aux
 
-  def decode(self, encoded, encoded_mask, targets, target_space, signature, *, train: bool):
-    """Logits [B, L_out, vocab] teacher-forced on `targets`, or [B, classes] for categorical."""
+  def decode(
+    self, encoded, encoded_mask, targets, target_space, signature, *, train: bool, target_mask=None
+  ):
+    """Logits [B, L_out, vocab] teacher-forced on `targets`, or [B, classes] for categorical.
+
+    `target_mask` [B, L_out] (default: targets != 0) marks the positions the MoE routes; decoding
+    passes ones, since the position being predicted has no target yet.
+    """
     if signature.target_modality == "categorical":
       grid = sequence_grid(encoded.shape[1], signature.input_modality)
       logits = self.categorical(encoded, encoded_mask, grid, signature.num_classes)
@@ -225,9 +239,24 @@ class MultiModel(nn.Module):
     embedded = self.language.embed(targets)
     shifted = jnp.concatenate([start[:, None, :], embedded[:, :-1]], axis=1)
     x = self.mixer(shifted, encoded, encoded_mask, train=train)
-    target_mask = (targets != 0).astype(jnp.float32)
+    if target_mask is None:
+      target_mask = (targets != 0).astype(jnp.float32)
     x, aux = self.decoder(x, target_mask, encoded, encoded_mask, train=train)
     return self.language.logits(x), aux
+
+  def decode_step(self, encoded, encoded_mask, previous, position, target_space, *, max_length):
+    """Logits [B, vocab] at target position `position` (traced), given the token at position - 1
+    (`previous` [B], ignored at 0). Apply with mutable=["cache", "memory"]: the first call only
+    creates the state (conv histories, the memory's keys and values); each later call advances it
+    by one position, so calls must go 0, 1, 2, ... `max_length` sizes the timing-signal table.
+    """
+    start = self.target_space_embedding[target_space].astype(encoded.dtype)[:, None, :]
+    x = jnp.where(position == 0, start, self.language.embed(previous[:, None]))
+    timing = timing_signal_at(position, max_length, x.shape[-1])
+    x = self.mixer(x, encoded, encoded_mask, train=False, timing=timing)
+    mask = jnp.ones(x.shape[:2], jnp.float32)
+    x, _ = self.decoder(x, mask, encoded, encoded_mask, train=False, timing=timing)
+    return self.language.logits(x)[:, 0]
 
   def __call__(self, batch: Mapping[str, Any], signature: TaskSignature, *, train: bool):
     encoded, mask, enc_aux = self.encode(batch, signature, train=train)

@@ -1,0 +1,406 @@
+"""Ask a trained MultiModel things: `python -m mm_jax.predict --workdir=DIR --task=NAME INPUT...`.
+
+An input is a sentence (language tasks), an image file (PNG/JPEG) or a WAV file (speech); with
+`--batch_file`, one input per line. Prints one output per input: the decoded text or the class.
+Inputs go through the same featurisation as training (mm_jax/data/pipeline.py), and the model is
+restored from the workdir's newest checkpoint with the run's own config (`config.json`, written by
+the trainer) unless `--config` names one. Every user mistake ends in one line on stderr.
+
+`load_run` (config, mesh, model, restored parameters) also serves `python -m mm_jax.evaluate` and
+`python -m mm_jax.gallery`.
+"""
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+MAX_FILE_BYTES = 50 * 2**20
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class PredictError(Exception):
+  """A one-line, user-facing reason why nothing could be predicted."""
+
+
+# --------------------------------------------------------------------------------------------
+# The trained run: config, mesh, model and parameters from a workdir.
+
+
+def load_config(workdir: str, config=None):
+  """The run's config: `config` if given, else the workdir's config.json."""
+  import ml_collections
+
+  if config is not None:
+    return config
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise PredictError(
+      f"{path} not found: pass the run's config with --config=configs/multimodel.py:SIZE"
+    )
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class Run:
+  config: object
+  model: object
+  params: dict
+  step: int
+  mesh: object
+  rules: object
+  tasks: dict
+  plan: tuple
+  tokenizer: object
+
+
+def _example_batch(config, task, rows: int) -> dict:
+  """Zeros shaped like the task's training batch: enough to build its modality nets' params."""
+  sig = task.signature
+  text = int(config.data.max_text_length)
+  batch = {"target_space": np.full([rows], task.target_space_id, np.int32)}
+  if sig.input_modality == "language":
+    batch["inputs"] = np.zeros([rows, text], np.int32)
+  elif sig.input_modality == "image":
+    size = _image_size(config, task)
+    batch["inputs"] = np.zeros([rows, size, size, 3], np.float32)
+  else:
+    frames, bins = int(config.data.max_audio_frames), int(config.model.audio_num_mel_bins)
+    batch["inputs"] = np.zeros([rows, frames, bins], np.float32)
+    batch["inputs_mask"] = np.ones([rows, frames], np.float32)
+  categorical = sig.target_modality == "categorical"
+  batch["targets"] = np.zeros([rows] if categorical else [rows, text], np.int32)
+  return batch
+
+
+def _image_size(config, task) -> int:
+  categorical = task.signature.target_modality == "categorical"
+  return int(config.data.image_size if categorical else config.data.caption_image_size)
+
+
+def load_run(workdir: str, config=None) -> Run:
+  """Restores the newest readable checkpoint of `workdir` onto a mesh built from its config."""
+  import flax.linen as nn
+  import jax
+  import ml_collections
+
+  from mm_jax import grouping, optimizer, sharding, train
+  from mm_jax.data import pipeline, tokenizer
+  from mm_jax.models.multimodel import MultiModel
+
+  config = load_config(workdir, config)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+    raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules()
+  tasks = pipeline.build_tasks(config)
+  rows = sharding.data_parallel_size(mesh)
+  examples = {name: _example_batch(config, task, rows) for name, task in tasks.items()}
+  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, examples)
+  specs = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), grouping.merge_batches(plan, examples)
+  )
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  with sharding.activate(mesh, rules):
+    boxed = jax.eval_shape(init, jax.random.key(0), specs)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    shardings = train._fill_replicated(shardings, mesh)
+    abstract = jax.eval_shape(lambda r, b: nn.unbox(init(r, b)), jax.random.key(0), specs)
+  step, state = _restore_state(directory, abstract, shardings)
+  needs_text = bool(pipeline.text_task_names(config))
+  tok = tokenizer.load_or_train(config) if needs_text else None
+  return Run(config, model, state.params, step, mesh, rules, tasks, plan, tok)
+
+
+def _restore_state(directory, abstract, shardings):
+  """(step, state) of the newest checkpoint whose train state reads back; the data iterator's
+  position is not needed for inference and is not read."""
+  import orbax.checkpoint as ocp
+
+  from mm_jax import checkpointing
+
+  target = checkpointing.abstract_with_shardings(abstract, shardings)
+  with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        return step, manager.restore(step, args=args)["state"]
+      except Exception as error:  # noqa: BLE001 - an unreadable checkpoint falls back
+        print(f"predict: note: step {step} unreadable ({type(error).__name__})", file=sys.stderr)
+  raise PredictError(f"no readable checkpoint in {directory}")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: a user's sentence or file -> one example of model arrays.
+
+
+def _read_file(path: str) -> bytes:
+  if not os.path.isfile(path):
+    raise PredictError(f"{path}: no such file")
+  size = os.path.getsize(path)
+  if size > MAX_FILE_BYTES:
+    raise PredictError(
+      f"{path}: {size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES >> 20} MiB limit"
+    )
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as error:
+    raise PredictError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def text_example(config, tok, text: str) -> dict:
+  """Token ids padded to max_text_length, truncated as the pipeline truncates (EOS kept)."""
+  if not text.strip():
+    raise PredictError("empty sentence")
+  max_len = int(config.data.max_text_length)
+  ids = tok.encode(text)
+  if len(ids) > max_len:
+    print(f"predict: note: input cut to {max_len} tokens", file=sys.stderr)
+    ids = ids[: max_len - 1] + [ids[-1]]
+  row = np.zeros([max_len], np.int32)
+  row[: len(ids)] = ids
+  return {"inputs": row}
+
+
+def image_example(config, task, data: bytes, name: str = "image") -> dict:
+  """Decoded, centre-cropped, resized and scaled exactly as in training."""
+  import PIL.Image
+  import tensorflow as tf
+
+  from mm_jax.data import pipeline
+
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+      width, height = image.size
+      if image.format not in ("PNG", "JPEG"):
+        raise PredictError(f"{name}: {image.format} image; use PNG or JPEG")
+  except (PIL.UnidentifiedImageError, OSError):
+    raise PredictError(f"{name}: not a readable PNG or JPEG image") from None
+  if width * height > MAX_IMAGE_PIXELS:
+    raise PredictError(f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
+  pixels = pipeline._image(tf.constant(data), _image_size(config, task))
+  return {"inputs": pixels.numpy().astype(np.float32)}
+
+
+def read_wav(data: bytes, name: str = "audio") -> np.ndarray:
+  """Mono int16 samples at 16 kHz from any PCM/float WAV (mixed down and resampled)."""
+  import scipy.io.wavfile
+  import scipy.signal
+
+  from mm_jax.data import features
+
+  try:
+    rate, samples = scipy.io.wavfile.read(io.BytesIO(data))
+  except (ValueError, EOFError, OSError):
+    raise PredictError(f"{name}: not a readable WAV file") from None
+  samples = np.asarray(samples)
+  if samples.dtype.kind == "i":  # PCM: full scale is -(min)
+    samples = samples.astype(np.float64) / -float(np.iinfo(samples.dtype).min)
+  elif samples.dtype.kind == "u":  # 8-bit PCM is unsigned around 128
+    half = (int(np.iinfo(samples.dtype).max) + 1) / 2
+    samples = (samples.astype(np.float64) - half) / half
+  samples = samples.astype(np.float64)
+  if samples.ndim == 2:
+    samples = samples.mean(axis=1)
+  if rate != features.SAMPLE_RATE:
+    divisor = np.gcd(int(rate), features.SAMPLE_RATE)
+    samples = scipy.signal.resample_poly(samples, features.SAMPLE_RATE // divisor, rate // divisor)
+  return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
+  """Log-mel frames and mask exactly as in training; over-long audio is refused, not cut."""
+  import tensorflow as tf
+
+  from mm_jax.data import features, pipeline
+
+  max_frames = int(config.data.max_audio_frames)
+  frames = int(features.num_frames(len(samples)))
+  if len(samples) == 0:
+    raise PredictError(f"{name}: no audio samples")
+  if frames > max_frames:
+    seconds = len(samples) / features.SAMPLE_RATE
+    limit = features.samples_for_frames(max_frames) / features.SAMPLE_RATE
+    raise PredictError(
+      f"{name}: {seconds:.1f} s of audio is longer than this model's {limit:.2f} s "
+      f"(config.data.max_audio_frames={max_frames})"
+    )
+  bins = int(config.model.audio_num_mel_bins)
+  out = pipeline._audio(tf.constant(samples), max_frames, bins)
+  return {"inputs": out["inputs"].numpy(), "inputs_mask": out["inputs_mask"].numpy()}
+
+
+def make_example(run: Run, task, user_input: str) -> dict:
+  modality = task.signature.input_modality
+  if modality == "language":
+    example = text_example(run.config, run.tokenizer, user_input)
+  elif modality == "image":
+    example = image_example(run.config, task, _read_file(user_input), user_input)
+  else:
+    example = audio_example(run.config, read_wav(_read_file(user_input), user_input), user_input)
+  example["target_space"] = np.int32(task.target_space_id)
+  return example
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction: batched, jitted, on the run's mesh.
+
+
+class Predictor:
+  """Decodes (or classifies) lists of examples for any task of a restored run."""
+
+  def __init__(self, run: Run, beam_size: int | None = None):
+    import jax
+
+    from mm_jax import decode
+
+    self.run = run
+    self._decode = decode.jit_decoder(run.model, run.config.decode, beam_size)
+    self._classify = jax.jit(self._classify_fn, static_argnames="signature")
+    self.rows = sharding_rows(run)
+
+  def _classify_fn(self, params, batch, signature):
+    def logits_of(module):
+      encoded, mask, _ = module.encode(batch, signature, train=False)
+      return module.decode(encoded, mask, None, None, signature, train=False)[0]
+
+    return self.run.model.apply({"params": params}, method=logits_of)
+
+  def outputs(self, task_name: str, examples: list[dict]) -> list[str]:
+    """One output string per example: decoded text, or the class (name when known)."""
+    task = self.run.tasks[task_name]
+    results = []
+    for start in range(0, len(examples), self.rows):
+      chunk = examples[start : start + self.rows]
+      results += self._chunk(task, chunk)[: len(chunk)]
+    return results
+
+  def raw_outputs(self, task_name: str, examples: list[dict]):
+    """Token id lists (language) or logits rows (categorical), one per example."""
+    task = self.run.tasks[task_name]
+    out = []
+    for start in range(0, len(examples), self.rows):
+      chunk = examples[start : start + self.rows]
+      out += self._device_outputs(task, chunk)[: len(chunk)]
+    return out
+
+  def _device_outputs(self, task, chunk):
+    import jax
+
+    from mm_jax import decode, sharding
+
+    padded = chunk + [_zeros_like(chunk[0])] * (self.rows - len(chunk))
+    arrays = {k: np.stack([ex[k] for ex in padded]) for k in chunk[0]}
+    signature = task.signature
+    with sharding.activate(self.run.mesh, self.run.rules):
+      batch = sharding.global_batch(arrays, self.run.mesh)
+      if signature.target_modality == "categorical":
+        logits = self._classify(self.run.params, batch, signature=signature)
+        return list(np.asarray(jax.device_get(logits)))
+      tokens = self._decode(self.run.params, batch, signature=signature)
+    return decode.strip_after_eos(tokens)
+
+  def _chunk(self, task, chunk):
+    raw = self._device_outputs(task, chunk)
+    if task.signature.target_modality == "categorical":
+      names = class_names(self.run.config, task)
+      return [names[int(np.argmax(row))] for row in raw]
+    return [self.detokenize(ids) for ids in raw]
+
+  def detokenize(self, ids) -> str:
+    tok = self.run.tokenizer
+    return tok.decode([i for i in ids if i < tok.vocab_size])
+
+
+def sharding_rows(run: Run, at_least: int = 8) -> int:
+  """Rows per device batch: a multiple of the data-parallel size, one compile per task."""
+  from mm_jax import sharding
+
+  ways = sharding.data_parallel_size(run.mesh)
+  return ways * max(1, -(-at_least // ways))
+
+
+def _zeros_like(example: dict) -> dict:
+  return {k: np.zeros_like(v) for k, v in example.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _class_names_cached(tfds_name: str, data_dir: str, num_classes: int) -> tuple[str, ...]:
+  import tensorflow_datasets as tfds
+
+  try:
+    names = tfds.builder(tfds_name, data_dir=data_dir).info.features["label"].names
+  except Exception:  # noqa: BLE001 - builders without names fall back to ids
+    names = None
+  if not names or len(names) != num_classes:
+    return tuple(str(i) for i in range(num_classes))
+  return tuple(names)
+
+
+def class_names(config, task) -> tuple[str, ...]:
+  from mm_jax.data import pipeline
+
+  return _class_names_cached(
+    task.source.tfds_name, pipeline.tfds_data_dir(config), task.signature.num_classes
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# The command.
+
+
+def _flags():
+  from absl import flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
+  flags.DEFINE_string("task", None, "task name, as in the run's config.data.tasks", required=True)
+  flags.DEFINE_string("batch_file", None, "a file with one input (sentence or path) per line")
+  flags.DEFINE_integer("beam_size", None, "override config.decode.beam_size")
+  config_flags.DEFINE_config_file("config", None, "config (default: the workdir's config.json)")
+  return flags.FLAGS
+
+
+def inputs_from(argv_inputs: list[str], batch_file: str | None) -> list[str]:
+  inputs = list(argv_inputs)
+  if batch_file:
+    text = _read_file(batch_file).decode("utf-8", "replace")
+    inputs += [line.strip() for line in text.splitlines() if line.strip()]
+  if not inputs:
+    raise PredictError("nothing to predict: give inputs as arguments or --batch_file")
+  return inputs
+
+
+def main(argv):
+  flags = FLAGS
+  try:
+    inputs = inputs_from(argv[1:], flags.batch_file)
+    run = load_run(flags.workdir, flags.config)
+    if flags.task not in run.tasks:
+      raise PredictError(f"unknown task {flags.task!r}: this run has {', '.join(run.tasks)}")
+    task = run.tasks[flags.task]
+    examples = [make_example(run, task, x) for x in inputs]
+    outputs = Predictor(run, flags.beam_size).outputs(flags.task, examples)
+  except PredictError as error:
+    print(f"predict: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  for output in outputs:
+    print(output, flush=True)
+
+
+FLAGS = None
+
+if __name__ == "__main__":
+  from absl import app
+
+  FLAGS = _flags()
+  app.run(main)

@@ -1,0 +1,63 @@
+"""The gallery page opens in headless Chromium and its screenshot shows every task."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import PIL.Image
+import pytest
+import trained_tiny
+
+from mm_jax import gallery
+
+pytestmark = pytest.mark.slow
+
+
+def _chromium() -> str:
+  """Debian's chromium; installed with apt-get when missing (.ci/run does it up front)."""
+  for name in ("chromium", "chromium-browser"):
+    if shutil.which(name):
+      return shutil.which(name)
+  subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=True)
+  return shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+  workdir = trained_tiny.trained_workdir(tmp_path_factory)
+  out = tmp_path_factory.mktemp("gallery")
+  html_path, png_path = gallery.build(str(workdir), examples=2, output_dir=str(out))
+  return html_path, png_path, ["image_classification", "speech_recognition", "translate_en_de"]
+
+
+def _has_colour(pixels: np.ndarray, colour) -> bool:
+  return bool(np.any(np.all(np.abs(pixels[..., :3].astype(int) - colour) <= 2, axis=-1)))
+
+
+def test_screenshot_in_headless_chromium_shows_every_task(page, tmp_path):
+  html_path, _, tasks = page
+  shot = tmp_path / "shot.png"
+  command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+  command += ["--window-size=1000,1600", f"--screenshot={shot}", "file://" + html_path]
+  subprocess.run(command, check=True, capture_output=True, timeout=120)
+  pixels = np.asarray(PIL.Image.open(shot).convert("RGB"))
+  # Every task's heading band was laid out and painted (each task has its own colour) ...
+  for index in range(len(tasks)):
+    assert _has_colour(pixels, gallery.task_colour(index)), tasks[index]
+  # ... and an unused colour is absent, so the check can fail.
+  assert not _has_colour(pixels, gallery.task_colour(len(tasks)))
+  dom = subprocess.run(
+    [*command[:5], "--dump-dom", "file://" + html_path], capture_output=True, text=True, timeout=120
+  ).stdout
+  for task in tasks:
+    assert f'id="{task}"' in dom
+  assert dom.count("<img") == 2 and dom.count("<audio") == 2
+
+
+def test_png_preview_shows_every_task(page):
+  _, png_path, tasks = page
+  pixels = np.asarray(PIL.Image.open(png_path).convert("RGB"))
+  for index in range(len(tasks)):
+    assert _has_colour(pixels, gallery.task_colour(index))
+  assert os.path.getsize(png_path) > 1000

@@ -1,0 +1,33 @@
+"""A tiny trained run shared by test_predict.py and test_gallery.py (trained once per session)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import multimodel as multimodel_config  # noqa: E402
+
+# One task per input modality: a PNG, a WAV and a sentence each have a task to go to.
+TASKS = "tasks=image_classification+speech_recognition+translate_en_de"
+
+
+def tiny_config(data_dir):
+  config = multimodel_config.get_config(f"tiny,{TASKS}")
+  config.data.data_dir = str(data_dir)
+  config.train.num_steps = 2
+  config.train.eval_every = 1000
+  config.train.eval_batches = 0
+  config.train.checkpoint_every = 2
+  config.decode.max_decode_length = 8
+  return config
+
+
+def trained_workdir(tmp_path_factory):
+  """Trains 2 steps into <session tmp>/trained_tiny the first time; later calls reuse it."""
+  from mm_jax import train
+
+  workdir = tmp_path_factory.getbasetemp() / "trained_tiny"
+  if not (workdir / "done").exists():
+    config = tiny_config(tmp_path_factory.getbasetemp() / "trained_tiny_data")
+    train.train_and_evaluate(config, str(workdir))
+    (workdir / "done").write_text("ok")
+  return workdir
