@@ -45,6 +45,8 @@ def _gather_per_process(data_state) -> list:
 
 
 def _own_state(saved, step: int):
+  if "per_process" not in saved:  # written before positions were kept per process
+    return saved
   per_process = saved["per_process"]
   if len(per_process) != jax.process_count():
     raise ConfigError(
@@ -60,6 +62,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     # Local paths are made absolute; bucket paths (gs://...) go to orbax as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self._last_saved = None
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -69,7 +72,10 @@ class Checkpointer:
     )
 
   def save(self, step: int, state, data_state, force: bool = False) -> bool:
+    if step == self._last_saved:
+      return False  # e.g. SIGTERM right after a scheduled save of the same step
     data = {"per_process": _gather_per_process(data_state)}
+    self._last_saved = step  # an async save's failure surfaces later, in wait()
     try:
       return self.manager.save(
         step,
@@ -113,7 +119,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:  # noqa: BLE001 - an async save failed in the background
-      raise self._write_error(self.manager.latest_step(), error) from None
+      raise self._write_error(self._last_saved, error) from None
 
   def close(self):
     self.wait()

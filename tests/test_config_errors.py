@@ -19,14 +19,6 @@ from mm_jax.sharding import ConfigError  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _set(config, key, value):
-  node = config
-  *path, leaf = key.split(".")
-  for part in path:
-    node = node[part]
-  node[leaf] = value
-
-
 # (overrides on the tiny config, text the one-line message must contain)
 CASES = {
   "d_zero": ({"model.d": 0}, "config.model.d"),
@@ -92,8 +84,7 @@ def _expect_config_error(config, workdir, field):
 def test_invalid_config_is_one_line_naming_the_field(name, tmp_path):
   overrides, field = CASES[name]
   config = multimodel_config.get_config("tiny")
-  for key, value in overrides.items():
-    _set(config, key, value)
+  config.update_from_flattened_dict(overrides)
   _expect_config_error(config, tmp_path / "work", field)
 
 

@@ -1,0 +1,253 @@
+"""Faults a long run meets: NaN gradients, a truncated checkpoint, a failing save, kill -9, SIGTERM.
+
+The kill/SIGTERM test runs the real command line in subprocesses that share JAX's persistent
+compilation cache, so only the first of them pays for compiling.
+"""
+
+import glob
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import multimodel as multimodel_config  # noqa: E402
+
+from mm_jax import checkpointing, train  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = "image_classification"  # one small task: these tests are about the loop, not the tasks
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Shared by this session's fault tests (the embedded build is reused when present)."""
+  return str(tmp_path_factory.getbasetemp() / "faults_data")
+
+
+def test_injection_traces_nothing_when_empty():
+  grads = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  assert train.inject_nonfinite(grads, jnp.int32(4), ()) is grads
+  hit = train.inject_nonfinite(grads, jnp.int32(4), (2, 4))
+  missed = train.inject_nonfinite(grads, jnp.int32(3), (2, 4))
+  assert all(np.isnan(x).all() for x in jax.tree.leaves(hit))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(missed), jax.tree.leaves(grads)))
+
+
+# --- non-finite updates: skipped, counted, and a streak stops the run -------------------------
+
+# 0-based steps whose gradients become NaN: logged steps 3, 5, 6, 7 skip their update.
+INJECTED = (2, 4, 5, 6)
+LIMIT = 3
+
+
+def _scalars(workdir, tag):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    for event in acc.Tensors(tag) if tag in acc.Tags()["tensors"] else []:
+      values[event.step] = float(np.asarray(jax.device_get(_tensor(event))))
+  return values
+
+
+def _tensor(event):
+  from tensorboard.util import tensor_util
+
+  return tensor_util.make_ndarray(event.tensor_proto)
+
+
+@pytest.fixture(scope="module")
+def nonfinite_run(data_dir, tmp_path_factory):
+  """A fixed-batch run on one device with NaN gradients injected; returns (workdir, error)."""
+  config = multimodel_config.get_config(f"tiny,tasks={TASK}")
+  config.data.data_dir = data_dir
+  config.mesh.data = 1
+  config.model.moe.noisy_gating = False  # the same batch must give the same loss on equal params
+  config.train.update(
+    num_steps=10,
+    log_every=1,
+    eval_every=1000,
+    eval_batches=0,
+    checkpoint_every=1,
+    fixed_batch=True,
+    inject_nonfinite_steps=INJECTED,
+    max_consecutive_nonfinite=LIMIT,
+  )
+  workdir = str(tmp_path_factory.mktemp("nonfinite"))
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir, str(info.value)
+
+
+@pytest.mark.slow
+def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops(nonfinite_run):
+  workdir, error = nonfinite_run
+  losses = _scalars(workdir, "train/loss")
+  skipped = _scalars(workdir, "train/nonfinite_skipped_total")
+  # The run stopped at the end of the third skipped step in a row (logged step 7).
+  assert sorted(skipped) == list(range(1, 8))
+  assert [skipped[s] for s in range(1, 8)] == [0, 0, 1, 1, 2, 3, 4]
+  # A skipped update leaves the parameters alone: the next step sees the same loss on the
+  # same (fixed) batch, bit for bit; an applied update changes it.
+  assert losses[4] == losses[3] and losses[3] != losses[2]
+  assert losses[6] == losses[5] == losses[7] and losses[5] != losses[4]
+  assert f"{LIMIT} consecutive steps" in error and "step 4" in error
+  # Checkpoints only of states reached through finite updates; the last one restores.
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+  assert ckpt.steps() == [1, 2, 4]
+  step, state, data_state = ckpt.restore_latest(None)
+  ckpt.close()
+  assert step == 4 and int(state["nonfinite_total"]) == 1 and int(state["step"]) == 4
+  assert data_state["batches"] == {TASK: 1}  # fixed_batch: only the first batch was read
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_with_a_warning(nonfinite_run, tmp_path, caplog):
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
+  newest = glob.glob(os.path.join(directory, "4", "state", "**", "d", "*"), recursive=True)
+  biggest = max(newest, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  with caplog.at_level("WARNING"):
+    step, state, _ = ckpt.restore_latest(None)
+  ckpt.close()
+  assert step == 2 and int(state["step"]) == 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("step 4" in w and "unreadable" in w for w in warnings), warnings
+
+
+def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt = checkpointing.Checkpointer(str(directory), keep=2)
+  state = {"w": jnp.arange(6.0)}
+  ckpt.save(1, state, {"batches": {}})
+  ckpt.wait()
+  # The disk "goes away": the checkpoint directory becomes a file mid-run.
+  shutil.rmtree(directory)
+  directory.write_text("not a directory")
+  with pytest.raises(checkpointing.CheckpointWriteError) as info:
+    ckpt.save(2, state, {"batches": {}})
+    ckpt.wait()
+  message = str(info.value)
+  assert "\n" not in message and str(directory) in message and "step 2" in message
+
+
+# --- kill -9 five times, then SIGTERM: resumed runs end bitwise where an unbroken run ends --
+
+STEPS = 12
+KILLS = 5
+_LOGGED_STEP = re.compile(r"\] \[(\d+)\] train/")
+_RESUMED = re.compile(r"resumed from step (\d+)")
+
+
+def _command(workdir, data_dir):
+  return [
+    sys.executable,
+    "-m",
+    "mm_jax.main",
+    f"--config=configs/multimodel.py:tiny,tasks={TASK}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.train.num_steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=1000",
+    "--config.train.eval_batches=0",
+  ]
+
+
+def _env(cache_dir):
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+
+
+def _run_until(command, env, at_step, sig):
+  """Runs until `at_step` has been logged, then sends `sig`; returns (rc, last step, resumed)."""
+  proc = subprocess.Popen(
+    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  last, resumed, output = 0, 0, []
+  for line in proc.stdout:
+    output.append(line)
+    if match := _RESUMED.search(line):
+      resumed = int(match[1])
+    if (match := _LOGGED_STEP.search(line)) and sig is not None:
+      last = max(last, int(match[1]))
+      if last >= at_step:
+        proc.send_signal(sig)
+        sig = None
+  rc = proc.wait(timeout=600)
+  return rc, last, resumed, "".join(output)
+
+
+def _saved_steps(workdir):
+  """Finalized checkpoints only (orbax renames a step's directory to its number when done)."""
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _final_state(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+  restored = ckpt.manager.restore(
+    STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+  )
+  ckpt.close()
+  return jax.device_get(restored["state"]), restored["data"]
+
+
+@pytest.mark.slow
+def test_kill9_five_times_then_sigterm_resumes_bitwise(data_dir, tmp_path, tmp_path_factory):
+  env = _env(str(tmp_path_factory.getbasetemp() / "faults_compile_cache"))
+  reference = str(tmp_path / "reference")
+  rc, *_, output = _run_until(_command(reference, data_dir), env, STEPS, None)
+  assert rc == 0, output[-3000:]
+
+  workdir = str(tmp_path / "interrupted")
+  rng = random.Random(7)
+  kill_steps = sorted(rng.sample(range(1, STEPS - 3), KILLS))
+  lost, resumed_from = [], 0
+  for at in kill_steps:
+    rc, reached, resumed, output = _run_until(_command(workdir, data_dir), env, at, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, output[-3000:]
+    assert resumed == resumed_from, output[-3000:]  # each run resumed where the last one left
+    resumed_from = max(_saved_steps(workdir), default=0)
+    lost.append(reached - resumed_from)
+  # SIGTERM (steps still to go): a checkpoint of the step reached, then exit 143 with one line.
+  rc, reached, resumed, output = _run_until(
+    _command(workdir, data_dir), env, resumed_from + 1, signal.SIGTERM
+  )
+  assert rc == 143, output[-3000:]
+  assert len([line for line in output.splitlines() if line.startswith("preempted:")]) == 1
+  steps = _saved_steps(workdir)
+  assert max(steps) >= reached and resumed == resumed_from
+  rc, _, resumed, output = _run_until(_command(workdir, data_dir), env, STEPS, None)
+  assert rc == 0 and resumed == max(steps), output[-3000:]
+  print(f"kills at {kill_steps}, steps lost per kill {lost}, SIGTERM at {reached}: 0 lost")
+
+  got, got_data = _final_state(workdir)
+  want, want_data = _final_state(reference)
+  leaves = jax.tree.leaves_with_path(want)
+  assert len(leaves) == len(jax.tree.leaves(got))
+  for (path, w), g in zip(leaves, jax.tree.leaves(got)):
+    assert np.array_equal(np.asarray(w), np.asarray(g)), jax.tree_util.keystr(path)
+  assert got_data == want_data  # the data iterator ended at the same position
