@@ -278,11 +278,11 @@ class Predictor:
   def outputs(self, task_name: str, examples: list[dict]) -> list[str]:
     """One output string per example: decoded text, or the class (name when known)."""
     task = self.run.tasks[task_name]
-    results = []
-    for start in range(0, len(examples), self.rows):
-      chunk = examples[start : start + self.rows]
-      results += self._chunk(task, chunk)[: len(chunk)]
-    return results
+    raw = self.raw_outputs(task_name, examples)
+    if task.signature.target_modality == "categorical":
+      names = class_names(self.run.config, task)
+      return [names[int(np.argmax(row))] for row in raw]
+    return [self.detokenize(ids) for ids in raw]
 
   def raw_outputs(self, task_name: str, examples: list[dict]):
     """Token id lists (language) or logits rows (categorical), one per example."""
@@ -308,13 +308,6 @@ class Predictor:
         return list(np.asarray(jax.device_get(logits)))
       tokens = self._decode(self.run.params, batch, signature=signature)
     return decode.strip_after_eos(tokens)
-
-  def _chunk(self, task, chunk):
-    raw = self._device_outputs(task, chunk)
-    if task.signature.target_modality == "categorical":
-      names = class_names(self.run.config, task)
-      return [names[int(np.argmax(row))] for row in raw]
-    return [self.detokenize(ids) for ids in raw]
 
   def detokenize(self, ids) -> str:
     tok = self.run.tokenizer
