@@ -1,0 +1,313 @@
+"""Ahead-of-time compilation of the real train step for a Cloud TPU slice, on a machine without one.
+
+  python -m mm_jax.aot --config=configs/multimodel.py:paper --topology=v5p-64 [--num_slices=2]
+
+libtpu (the `aot` extra) describes a slice's devices on this CPU machine; the trainer's own jitted
+step, lowered with ShapeDtypeStructs that carry shardings on a mesh of those devices, compiles to
+TPU code. No data is read: batch shapes come from the config. The report gives per-device memory
+against the chip's HBM and every collective with its bytes; a step that cannot fit fails here, at
+compile time, with one line and the numbers.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+import sys
+
+# The host stays a CPU; the TPU is only a compile target. Another jax process on this machine may
+# hold libtpu's single-process lock, which a compile-only use does not need.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import mesh_utils, topologies  # noqa: E402
+from jax.sharding import AxisType, Mesh  # noqa: E402
+
+from mm_jax import grouping, optimizer, sharding, train, validation  # noqa: E402
+from mm_jax.data import pipeline  # noqa: E402
+from mm_jax.models.multimodel import MultiModel  # noqa: E402
+from mm_jax.sharding import ConfigError  # noqa: E402
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceType:
+  """One Cloud TPU slice shape, as libtpu's topology description wants it (MaxText's table)."""
+
+  topology: str
+  chip_config: str  # "megacore": one device per chip (v4, v5p); "default": one core per chip
+  chips_per_host: tuple[int, int, int]
+  wrap: tuple[bool, bool, bool]
+  hbm_bytes: int  # per device
+
+
+_NO_WRAP = (False, False, False)
+_V4_HBM, _V5E_HBM, _V5P_HBM, _V6E_HBM = 32 * GIB, 16 * GIB, 95 * GIB, 32 * GIB
+SLICES = {
+  "v4-8": SliceType("v4:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
+  "v4-16": SliceType("v4:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
+  "v4-32": SliceType("v4:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
+  "v4-64": SliceType("v4:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
+  "v5e-4": SliceType("v5e:2x2", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
+  "v5e-8": SliceType("v5e:2x4", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
+  "v5e-16": SliceType("v5e:4x4", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
+  "v5e-32": SliceType("v5e:4x8", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
+  "v5e-64": SliceType("v5e:8x8", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
+  "v5p-8": SliceType("v5:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
+  "v5p-16": SliceType("v5:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
+  "v5p-32": SliceType("v5:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
+  "v5p-64": SliceType("v5:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
+  "v5p-128": SliceType("v5:4x4x4", "megacore", (2, 2, 1), (True, True, True), _V5P_HBM),
+  "v6e-8": SliceType("v6e:2x4", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
+  "v6e-16": SliceType("v6e:4x4", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
+  "v6e-32": SliceType("v6e:4x8", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
+  "v6e-64": SliceType("v6e:8x8", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
+}
+
+
+class DoesNotFit(RuntimeError):
+  """XLA ran out of device memory while compiling: the message is one line with the numbers."""
+
+
+def slice_devices(name: str, num_slices: int = 1) -> list:
+  """The TPU devices of `num_slices` slices of type `name`, described by libtpu (no TPU needed)."""
+  if name not in SLICES:
+    raise ConfigError(f"--topology={name!r}: use one of {', '.join(SLICES)}")
+  if num_slices < 1:
+    raise ConfigError(f"--num_slices={num_slices}: use a positive integer")
+  s = SLICES[name]
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name.replace("v5e-", "v5litepod-"))
+  topology = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=s.topology,
+    chip_config_name=s.chip_config,
+    chips_per_host_bounds=s.chips_per_host,
+    num_slices=num_slices,
+    wrap=s.wrap,
+  )
+  return list(topology.devices)
+
+
+def slice_mesh(mesh_config, devices, num_slices: int) -> Mesh:
+  """The config's mesh over the slices; with several, `data` is the axis that crosses them (DCN)."""
+  sizes = sharding.mesh_shape(mesh_config, len(devices))
+  shape = [sizes[a] for a in sharding.MESH_AXES]
+  if num_slices == 1:
+    array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    if sizes["data"] % num_slices:
+      raise ConfigError(
+        f"config.mesh.data={sizes['data']} does not split over {num_slices} slices: make it a "
+        "multiple of --num_slices"
+      )
+    per_slice = [shape[0] // num_slices, *shape[1:]]
+    dcn = [num_slices] + [1] * (len(shape) - 1)
+    array = mesh_utils.create_hybrid_device_mesh(
+      per_slice, dcn, devices, allow_split_physical_axes=True
+    )
+  return Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def task_batch_specs(config, task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """One task's global batch as the pipeline builds it (shapes and dtypes), without reading data."""
+  d, m = config.data, config.model
+  sig = task.signature
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+  length = int(d.max_text_length)
+  if sig.input_modality == "language":
+    batch = {"inputs": spec((length,), np.int32)}
+  elif sig.input_modality == "image":
+    size = int(d.image_size if sig.target_modality == "categorical" else d.caption_image_size)
+    batch = {"inputs": spec((size, size, int(m.image_channels)), np.float32)}
+  else:
+    frames = int(d.max_audio_frames)
+    batch = {
+      "inputs": spec((frames, int(m.audio_num_mel_bins)), np.float32),
+      "inputs_mask": spec((frames,), np.float32),
+    }
+  batch["targets"] = spec(() if sig.target_modality == "categorical" else (length,), np.int32)
+  batch["target_space"] = spec((), np.int32)
+  return batch
+
+
+def group_batch_specs(plan, task_specs: dict[str, dict]) -> dict[str, dict]:
+  """grouping.merge_batches on shapes: each group's tasks concatenated, plus `task_index`."""
+  merged = {}
+  for group in plan:
+    parts = [task_specs[t] for t in group.tasks]
+    size = sum(p["targets"].shape[0] for p in parts)
+    batch = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in parts[0].items()}
+    batch["task_index"] = jax.ShapeDtypeStruct((size,), np.int32)
+    merged[group.name] = batch
+  return merged
+
+
+@dataclasses.dataclass
+class Compiled:
+  compiled: object
+  mesh: Mesh
+  num_params: int
+  plan: tuple
+
+
+def compile_train_step(config, devices, num_slices: int = 1) -> Compiled:
+  """Lowers and compiles train.py's jitted step for `devices` (raises DoesNotFit when too big)."""
+  validation.validate(config, num_devices=len(devices), check_data=False)
+  mesh = slice_mesh(config.mesh, devices, num_slices)
+  rules = sharding.logical_rules()
+  tasks = pipeline.build_tasks(config)
+  sizes = pipeline.task_batch_sizes(config, sharding.data_parallel_size(mesh))
+  task_specs = {name: task_batch_specs(config, task, sizes[name]) for name, task in tasks.items()}
+  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, task_specs)
+  batch_specs = group_batch_specs(plan, task_specs)
+
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  abstract_state, state_shardings = train.state_layout(init, batch_specs, mesh, rules)
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch_specs)
+  jit_step = train.jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
+
+  with_shardings = lambda tree, shardings: jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding.replicated(mesh))
+  with sharding.activate(mesh, rules):
+    lowered = jit_step.lower(
+      with_shardings(abstract_state, state_shardings),
+      with_shardings(batch_specs, batch_shardings),
+      rng,
+    )
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a message
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    raise DoesNotFit(_out_of_memory_line(str(error))) from None
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  return Compiled(compiled, mesh, num_params, plan)
+
+
+def _out_of_memory_line(message: str) -> str:
+  """XLA's out-of-memory report, reduced to its lines with figures (used, capacity, excess)."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  figures = [line for line in lines if re.search(r"\d+(\.\d+)?\s*[KMGT]i?B?\b", line)]
+  return " ".join((figures or lines)[:3])
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+def memory_per_device(compiled) -> dict[str, int]:
+  """Bytes per device: arguments + outputs - donated aliases + temporaries + code."""
+  stats = compiled.memory_analysis()
+  out = {
+    "arguments": stats.argument_size_in_bytes,
+    "outputs": stats.output_size_in_bytes,
+    "aliased": stats.alias_size_in_bytes,
+    "temporaries": stats.temp_size_in_bytes,
+    "code": stats.generated_code_size_in_bytes,
+  }
+  out["total"] = (
+    out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+  )
+  return out
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4}
+_BYTES |= {"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+# `%name = <result type> op-name(` with op-name one of the collectives, maybe async (-start).
+_INSTRUCTION = re.compile(
+  r"=\s*(?P<type>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\("
+)
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+
+
+def _array_bytes(type_text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    n = int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1
+    sizes.append(n * _BYTES[dtype])
+  return sizes
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Per collective kind: how many and the bytes each device receives in results, summed.
+
+  An async `-start` returns (operands, results, [scratch]); only its results count. Results are the
+  second half of the arrays for all-gather/all-to-all/collective-permute starts.
+  """
+  totals = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.search(line)
+    if match is None:
+      continue
+    sizes = _array_bytes(match["type"])
+    if match["start"] and match["op"] != "all-reduce":
+      sizes = [s for s in sizes if s > 8]  # drop u32[] scratch/sync scalars
+      sizes = sizes[len(sizes) // 2 :] if len(sizes) > 1 else sizes
+    totals[match["op"]]["count"] += 1
+    totals[match["op"]]["bytes"] += sum(sizes)
+  return totals
+
+
+def report(name: str, num_slices: int, result: Compiled) -> str:
+  hbm = SLICES[name].hbm_bytes
+  memory = memory_per_device(result.compiled)
+  mesh = dict(result.mesh.shape)
+  lines = [
+    f"topology {name} x {num_slices} slice(s): {result.mesh.size} devices, mesh {mesh}",
+    f"parameters {result.num_params:,}; task groups {[g.name for g in result.plan]}",
+    "",
+    f"{'memory per device':<20}{'GiB':>10}",
+  ]
+  for key, value in memory.items():
+    lines.append(f"{key:<20}{value / GIB:>10.3f}")
+  lines.append(f"{'HBM of the chip':<20}{hbm / GIB:>10.3f}")
+  lines.append(f"{'fraction used':<20}{memory['total'] / hbm:>10.1%}")
+  lines += ["", f"{'collective':<20}{'count':>8}{'MiB per device':>16}"]
+  for op, c in collectives(result.compiled.as_text()).items():
+    lines.append(f"{op:<20}{c['count']:>8}{c['bytes'] / 1024**2:>16.2f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+
+  config = flags.FLAGS.config
+  name, num_slices = flags.FLAGS.topology, flags.FLAGS.num_slices
+  try:
+    result = compile_train_step(config, slice_devices(name, num_slices), num_slices)
+  except ConfigError as error:
+    print(f"config error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except DoesNotFit as error:
+    hbm = SLICES[name].hbm_bytes / GIB
+    print(
+      f"does not fit: the train step for {name} x {num_slices} needs more than the chip's "
+      f"{hbm:.0f} GiB of HBM per device: {error}",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(3)
+  print(report(name, num_slices, result), flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/multimodel.py:paper.")
+  flags.DEFINE_string("topology", "v5p-64", f"TPU slice type: one of {', '.join(SLICES)}.")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (DCN).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
