@@ -27,3 +27,9 @@ def devices():
   devs = jax.devices()
   assert len(devs) == 8, f"expected 8 forced CPU devices, got {len(devs)}"
   return devs
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """One data root for every trainer test: the tiny embedded build and tokenizers are reused."""
+  return tmp_path_factory.getbasetemp() / "tiny_data"

@@ -27,7 +27,7 @@ def trained_workdir(tmp_path_factory):
 
   workdir = tmp_path_factory.getbasetemp() / "trained_tiny"
   if not (workdir / "done").exists():
-    config = tiny_config(tmp_path_factory.getbasetemp() / "trained_tiny_data")
+    config = tiny_config(tmp_path_factory.getbasetemp() / "tiny_data")  # conftest's tiny_data_dir
     train.train_and_evaluate(config, str(workdir))
     (workdir / "done").write_text("ok")
   return workdir
