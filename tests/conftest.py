@@ -17,7 +17,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_threefry_partitionable", True)
 # Many tests compile the same programs (each trainer run builds its step afresh): a persistent
 # compilation cache, private to this session, lets later compiles of an identical program hit.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mm_jax_jit_cache_"))
+# Trainer subprocesses (fault, multi-process and command-line tests) inherit it through the
+# environment, so their repeated compiles of one program hit the cache too.
+_CACHE_DIR = tempfile.mkdtemp(prefix="mm_jax_jit_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
