@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -140,7 +141,7 @@ def train_step(state, batches, rng, *, model, tx, plan, label_smoothing, inject_
 
   (loss, (per_task, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = inject_nonfinite(grads, state.step, inject_nonfinite_steps)
-  grad_norm = optax_global_norm(grads)
+  grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = jax.tree.map(lambda p, u: p + u, state.params, updates)
@@ -159,11 +160,6 @@ def train_step(state, batches, rng, *, model, tx, plan, label_smoothing, inject_
     metrics[f"{task}/log_perplexity"] = sums["nll"] / tokens
     metrics[f"{task}/accuracy"] = sums["correct"] / tokens
   return new_state, metrics
-
-
-def optax_global_norm(tree):
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def init_state(rng, example_batches, *, model, tx, plan):
