@@ -9,6 +9,7 @@ when padding is appended.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mm_jax.models.blocks import EMBED_AXES, ConvStep, Dense, LayerNorm, zero_padding
 
@@ -28,11 +29,21 @@ def _window_pads(kernel):
 
 
 def masked_max_pool(x, mask, kernel, strides):
-  """Max-pool over spatial axes where padded positions (and the border) count as -inf."""
+  """Max-pool over spatial axes where padded positions (and the border) count as -inf.
+
+  The maximum of strided shifted slices, not reduce_window: on CPU the latter's backward
+  (select-and-scatter) made the audio net's train step about 1.5x slower.
+  """
   if mask is not None:
     x = jnp.where(mask[..., None] > 0, x, -jnp.inf)
-  pads = ((0, 0), *_window_pads(kernel), (0, 0))
-  y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *kernel, 1), (1, *strides, 1), pads)
+  padded = jnp.pad(x, ((0, 0), *_window_pads(kernel), (0, 0)), constant_values=-jnp.inf)
+  outputs = [-(-n // s) for n, s in zip(x.shape[1:-1], strides)]
+  y = None
+  for tap in np.ndindex(*kernel):
+    window = padded[
+      (slice(None), *(slice(t, t + s * (n - 1) + 1, s) for t, s, n in zip(tap, strides, outputs)))
+    ]
+    y = window if y is None else jnp.maximum(y, window)
   out_mask = strided_mask(mask, strides)
   # Windows with no real position (only at padded outputs) would be -inf: make them 0.
   return zero_padding(jnp.where(jnp.isfinite(y), y, 0.0), out_mask), out_mask
