@@ -119,9 +119,9 @@ def task_batch_specs(config, task, batch_size: int) -> dict[str, jax.ShapeDtypeS
   d, m = config.data, config.model
   sig = task.signature
   spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-  length = int(d.max_text_length)
+  length = lambda field: pipeline.text_length(config, task.name, field)
   if sig.input_modality == "language":
-    batch = {"inputs": spec((length,), np.int32)}
+    batch = {"inputs": spec((length("inputs"),), np.int32)}
   elif sig.input_modality == "image":
     size = int(d.image_size if sig.target_modality == "categorical" else d.caption_image_size)
     batch = {"inputs": spec((size, size, int(m.image_channels)), np.float32)}
@@ -131,7 +131,9 @@ def task_batch_specs(config, task, batch_size: int) -> dict[str, jax.ShapeDtypeS
       "inputs": spec((frames, int(m.audio_num_mel_bins)), np.float32),
       "inputs_mask": spec((frames,), np.float32),
     }
-  batch["targets"] = spec(() if sig.target_modality == "categorical" else (length,), np.int32)
+  batch["targets"] = spec(
+    () if sig.target_modality == "categorical" else (length("targets"),), np.int32
+  )
   batch["target_space"] = spec((), np.int32)
   return batch
 

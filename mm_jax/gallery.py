@@ -98,7 +98,7 @@ def task_entries(run, predictor, task, count: int) -> list[Entry]:
       elif modality == "audio":
         example = predict.audio_example(run.config, raw["speech"].astype(np.int16))
       else:
-        example = predict.text_example(run.config, run.tokenizer, raw["input_text"])
+        example = predict.text_example(run.config, task, run.tokenizer, raw["input_text"])
     except predict.PredictError:
       continue  # e.g. audio longer than the model takes: the trainer drops those too
     example["target_space"] = np.int32(task.target_space_id)

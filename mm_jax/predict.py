@@ -61,11 +61,12 @@ class Run:
 
 def _example_batch(config, task, rows: int) -> dict:
   """Zeros shaped like the task's training batch: enough to build its modality nets' params."""
+  from mm_jax.data import pipeline
+
   sig = task.signature
-  text = int(config.data.max_text_length)
   batch = {"target_space": np.full([rows], task.target_space_id, np.int32)}
   if sig.input_modality == "language":
-    batch["inputs"] = np.zeros([rows, text], np.int32)
+    batch["inputs"] = np.zeros([rows, pipeline.text_length(config, task.name, "inputs")], np.int32)
   elif sig.input_modality == "image":
     size = _image_size(config, task)
     batch["inputs"] = np.zeros([rows, size, size, 3], np.float32)
@@ -74,7 +75,8 @@ def _example_batch(config, task, rows: int) -> dict:
     batch["inputs"] = np.zeros([rows, frames, bins], np.float32)
     batch["inputs_mask"] = np.ones([rows, frames], np.float32)
   categorical = sig.target_modality == "categorical"
-  batch["targets"] = np.zeros([rows] if categorical else [rows, text], np.int32)
+  targets = [rows] if categorical else [rows, pipeline.text_length(config, task.name, "targets")]
+  batch["targets"] = np.zeros(targets, np.int32)
   return batch
 
 
@@ -157,11 +159,13 @@ def _read_file(path: str) -> bytes:
     raise PredictError(f"{path}: cannot read ({error.strerror})") from None
 
 
-def text_example(config, tok, text: str) -> dict:
-  """Token ids padded to max_text_length, truncated as the pipeline truncates (EOS kept)."""
+def text_example(config, task, tok, text: str) -> dict:
+  """Token ids padded to the task's input length, truncated as the pipeline truncates (EOS kept)."""
   if not text.strip():
     raise PredictError("empty sentence")
-  max_len = int(config.data.max_text_length)
+  from mm_jax.data import pipeline
+
+  max_len = pipeline.text_length(config, task.name, "inputs")
   ids = tok.encode(text)
   if len(ids) > max_len:
     print(f"predict: note: input cut to {max_len} tokens", file=sys.stderr)
@@ -242,7 +246,7 @@ def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
 def make_example(run: Run, task, user_input: str) -> dict:
   modality = task.signature.input_modality
   if modality == "language":
-    example = text_example(run.config, run.tokenizer, user_input)
+    example = text_example(run.config, task, run.tokenizer, user_input)
   elif modality == "image":
     example = image_example(run.config, task, _read_file(user_input), user_input)
   else:

@@ -144,6 +144,12 @@ def _validate_data(config, mesh):
   _positive_int(d.global_batch_size, "config.data.global_batch_size")
   for name in ("max_text_length", "max_audio_frames", "image_size", "caption_image_size"):
     _positive_int(d[name], f"config.data.{name}")
+  for field in ("input_lengths", "target_lengths"):
+    for name, length in (d.get(field) or {}).items():
+      _require(
+        name in known, f"config.data.{field} names unknown task {name!r}: use some of {known}"
+      )
+      _positive_int(length, f"config.data.{field}.{name}")
   data_parallel = mesh["data"] * mesh["expert"]
   pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
 

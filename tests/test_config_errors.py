@@ -67,6 +67,11 @@ CASES = {
   "unknown_mixture": ({"data.mixture": "mine"}, "config.data.mixture"),
   "batch_not_split": ({"data.global_batch_size": 12}, "global_batch_size"),
   "zero_text_length": ({"data.max_text_length": 0}, "config.data.max_text_length"),
+  "zero_target_length": (
+    {"data.target_lengths": {"translate_en_de": 0}},
+    "config.data.target_lengths.translate_en_de",
+  ),
+  "length_of_unknown_task": ({"data.input_lengths": {"nosuch": 8}}, "config.data.input_lengths"),
 }
 
 

@@ -199,6 +199,21 @@ def test_empty_text_and_long_audio_are_dropped_and_long_text_truncated(tmp_path,
   assert (stats["kept"], stats["too_long"], stats["truncated"]) == (2, 2, 0)
 
 
+def test_per_task_text_lengths_override_max_text_length(tmp_path, tok):
+  config = _config(tmp_path, "translate_en_de", max_text_length=12)
+  config.data.input_lengths = {"translate_en_de": 4}
+  config.data.target_lengths = {"translate_en_de": 16}
+  records = [{"de": "der Hund", "en": "the cat sits on the mat the dog"}]
+  spec = {"de": tf.TensorSpec([], tf.string), "en": tf.TensorSpec([], tf.string)}
+  out, stats = _run_examples(config, "translate_en_de", tok, records, spec)
+  inputs, targets = out[0]["inputs"], out[0]["targets"]
+  assert inputs.shape == (4,) and targets.shape == (16,)
+  # The English input is longer than 4 tokens: cut (EOS kept) and counted; the target fits.
+  assert inputs[-1] == tokenizer.EOS_ID and (inputs != 0).all()
+  assert tok.decode(targets) == "der Hund"
+  assert stats["truncated"] == 1
+
+
 def test_malformed_tree_is_counted_as_an_error(tmp_path, tok):
   config = _config(tmp_path, "constituency_parsing")
   records = [{"sentence": "x", "tree": "(S (NP"}, {"sentence": "x", "tree": TREE}]

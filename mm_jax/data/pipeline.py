@@ -78,6 +78,14 @@ def task_weight(config, name: str) -> float:
   return float(weights.get(name, tasks_lib.TASKS[name].default_weight))
 
 
+def text_length(config, task_name: str, field: str) -> int:
+  """Padded length of a task's "inputs" or "targets" text: config.data.max_text_length unless
+  config.data.input_lengths / target_lengths name the task (short transcripts need not pay for
+  the longest translation)."""
+  overrides = config.data.get("input_lengths" if field == "inputs" else "target_lengths") or {}
+  return int(overrides.get(task_name, config.data.max_text_length))
+
+
 def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
   """Global per-task batch sizes: global_batch_size split by weight, each a multiple of dp."""
   names = task_names(config)
@@ -264,9 +272,10 @@ def _num_mel_bins(config) -> int:
 
 
 def _tokenize_chunk(config, task, tokenizer):
-  """A chunk of examples -> ids padded to max_text_length, plus the text actually encoded."""
-  max_len = int(config.data.max_text_length)
+  """A chunk of examples -> ids padded to the task's text lengths, plus the text as encoded."""
   keys = [k for k in ("input_text", "target_text") if _has_text(task, k)]
+  fields = ["inputs" if k == "input_text" else "targets" for k in keys]
+  max_lens = [text_length(config, task.name, field) for field in fields]
   text_fn = task.source.text_fn
 
   def py(*texts):
@@ -284,7 +293,7 @@ def _tokenize_chunk(config, task, tokenizer):
           if k in keys:
             texts[keys.index(k)][i] = v
     outputs = [error]
-    for column in texts:
+    for column, max_len in zip(texts, max_lens):
       ids = np.zeros([n, max_len], np.int32)
       lengths = np.zeros([n], np.int32)
       for i, row in enumerate(tokenizer.encode_batch(column)):
@@ -300,9 +309,8 @@ def _tokenize_chunk(config, task, tokenizer):
     out = {k: v for k, v in chunk.items() if k not in keys}
     out["_error"] = tf.ensure_shape(results[0], [None])
     empty, over = tf.zeros_like(out["_error"]), tf.zeros_like(out["_error"])
-    for j, key in enumerate(keys):
+    for j, (field, max_len) in enumerate(zip(fields, max_lens)):
       ids, lengths, text = results[1 + 3 * j : 4 + 3 * j]
-      field = "inputs" if key == "input_text" else "targets"
       out[field] = tf.ensure_shape(ids, [None, max_len])
       out[f"raw_{field}"] = tf.ensure_shape(text, [None])
       lengths = tf.ensure_shape(lengths, [None])
