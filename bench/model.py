@@ -8,6 +8,7 @@ it: on CPU they over-count depthwise convolutions, so they never serve as the nu
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.multimodel import get_config  # noqa: E402
 from mm_jax.models import blocks  # noqa: E402
+from mm_jax.models.modalities import audio_widths, sequence_grid  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
 
@@ -43,7 +45,13 @@ def matmul_peak(n: int, repeats: int) -> float:
   return 2 * n**3 / seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
-# Analytic multiply-adds of one forward pass (language input and target), per component.
+# Analytic multiply-adds of one forward pass, per component. Convolutions count every kernel tap at
+# every output position ("same" padding borders included, as the layers compute them) except along
+# a grid axis of length 1 (a 3x3 kernel over an L x 1 sequence grid), where only the centre tap can
+# meet a real value. Embedding lookups, norms, activations, pooling and the MoE's gathers are not
+# multiply-adds; the MoE counts the k experts each token needs, not the capacity padding.
+
+IMAGE_STEM_WIDTHS = (32, 64)  # modalities.ImageModality's two full-conv stems
 
 
 def conv_step_macs(kernel: int, c_in: int, c_out: int) -> int:
@@ -70,21 +78,102 @@ def ffn_macs(m) -> int:
   )
 
 
-def forward_macs(m, batch: int, l_in: int, l_out: int) -> dict[str, int]:
-  encoder_blocks = m.encoder_blocks_before_ffn + m.encoder_blocks_after_ffn
-  decoder_layers = m.decoder_blocks_before_ffn + m.decoder_blocks_after_ffn
+def grid_taps(kernel: tuple[int, ...], grid: tuple[int, ...]) -> int:
+  return math.prod(k if n > 1 else 1 for k, n in zip(kernel, grid))
+
+
+def strided_grid(grid: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(-(-n // s) for n, s in zip(grid, strides))
+
+
+def xception_block_macs(grid, c_in: int, features: int, strides) -> tuple[int, tuple[int, ...]]:
+  """Two separable 3x3 ConvSteps at the input grid, then a strided 1x1 skip at the output grid."""
+  taps = grid_taps((3, 3), grid)
+  out = strided_grid(grid, strides)
+  steps = math.prod(grid) * (taps * c_in + c_in * features + taps * features + features**2)
+  return steps + math.prod(out) * c_in * features, out
+
+
+def image_net_macs(m, height: int, width: int, channels: int) -> tuple[int, int]:
+  """Multiply-adds per image and the number of positions the body sees."""
+  grid = strided_grid((height, width), (2, 2))
+  stem0, stem1 = IMAGE_STEM_WIDTHS
+  taps = grid_taps((3, 3), grid)
+  macs = math.prod(grid) * taps * (channels * stem0 + stem0 * stem1)
+  c_in = stem1
+  for features in (min(128, m.d), min(256, m.d), m.d):
+    block, grid = xception_block_macs(grid, c_in, features, (2, 2))
+    macs, c_in = macs + block, features
+  return macs, math.prod(grid)
+
+
+def audio_net_macs(m, frames: int, bins: int) -> tuple[int, int]:
+  """Multiply-adds per utterance (time-strided blocks, then the bins x channels -> d projection)."""
+  grid, c_in, macs = (frames, bins), 1, 0
+  for features in audio_widths(m.d, m.audio_blocks):
+    block, grid = xception_block_macs(grid, c_in, features, (2, 1))
+    macs, c_in = macs + block, features
+  return macs + grid[0] * grid[1] * c_in * m.d, grid[0]
+
+
+def categorical_head_macs(m, grid: tuple[int, int], num_classes: int) -> int:
+  """The Xception exit flow of CategoricalModality, per example."""
+  d, wide, wider = m.d, int(1.25 * m.d), int(2.5 * m.d)
+  taps = grid_taps((3, 3), grid)
+  out = strided_grid(grid, tuple(2 if n > 1 else 1 for n in grid))
+  out_taps = grid_taps((3, 3), out)
+  before_pool = math.prod(grid) * (taps * d + d * d + taps * d + d * wide)
+  after_pool = math.prod(out) * (taps * d * wide + out_taps * wide + wide * 2 * d)
+  after_pool += math.prod(out) * (out_taps * 2 * d + 2 * d * wider)
+  return before_pool + after_pool + wider * num_classes
+
+
+def encoder_macs(m, l_in: int) -> dict[str, int]:
+  blocks = m.encoder_blocks_before_ffn + m.encoder_blocks_after_ffn
+  return {"encoder convs": l_in * blocks * conv_block_macs(m), "encoder ffn": l_in * ffn_macs(m)}
+
+
+def decoder_macs(m, l_in: int, l_out: int) -> dict[str, int]:
+  """Mixer, decoder and softmax for `l_out` target positions attending to `l_in` positions."""
+  layers = m.decoder_blocks_before_ffn + m.decoder_blocks_after_ffn
   attention = attention_macs(m, l_out, l_in) if m.use_attention else 0
   merge_kernel = m.conv_group1[0][0]
-  parts = {
-    "encoder convs": l_in * encoder_blocks * conv_block_macs(m),
-    "encoder ffn": l_in * ffn_macs(m),
+  return {
     "mixer": attention + l_out * conv_step_macs(merge_kernel, 2 * m.d, m.d),
-    "decoder convs": l_out * decoder_layers * conv_block_macs(m),
-    "decoder attention": decoder_layers * attention,
+    "decoder convs": l_out * layers * conv_block_macs(m),
+    "decoder attention": layers * attention,
     "decoder ffn": l_out * ffn_macs(m),
     "softmax": l_out * m.d * m.vocab_size,
   }
+
+
+def forward_macs(m, batch: int, l_in: int, l_out: int) -> dict[str, int]:
+  """Text in, text out: the body alone (the language net's embedding lookup has no MACs)."""
+  parts = {**encoder_macs(m, l_in), **decoder_macs(m, l_in, l_out)}
   return {name: batch * macs for name, macs in parts.items()}
+
+
+def task_forward_macs(m, signature, inputs_shape, targets_shape) -> dict[str, int]:
+  """One forward pass of a batch with these (padded) shapes, through its modality nets too."""
+  batch = targets_shape[0]
+  if signature.input_modality == "image":
+    input_net, l_in = image_net_macs(m, *inputs_shape[1:])
+  elif signature.input_modality == "audio":
+    input_net, l_in = audio_net_macs(m, *inputs_shape[1:])
+  else:
+    input_net, l_in = 0, inputs_shape[1]
+  parts = {"input net": input_net, **encoder_macs(m, l_in)}
+  if signature.target_modality == "categorical":
+    grid = sequence_grid(l_in, signature.input_modality)
+    parts["classifier head"] = categorical_head_macs(m, grid, signature.num_classes)
+  else:
+    parts.update(decoder_macs(m, l_in, targets_shape[1]))
+  return {name: batch * macs for name, macs in parts.items()}
+
+
+def train_flops(macs: int) -> int:
+  """A training step's FLOPs: forward + backward, the backward counted as twice the forward."""
+  return 3 * 2 * macs
 
 
 def train_step(model, signature):
@@ -118,7 +207,7 @@ def body_row(config_arg: str, batch: int, length: int, repeats: int):
   cost = cost[0] if isinstance(cost, list) else cost
   t = seconds(step, params, data, jax.random.key(1), repeats=repeats)
   macs = forward_macs(m, batch, length, length)
-  flops = 3 * 2 * sum(macs.values())  # backward = 2x forward for every multiply-add
+  flops = train_flops(sum(macs.values()))
   return {
     "config": config_arg,
     "step_s": t,
