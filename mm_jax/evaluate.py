@@ -121,10 +121,10 @@ def _text(value) -> str:
 
 def main(argv):
   import json
-  import os
   import sys
 
   from absl import flags
+  from etils import epath
 
   from mm_jax import predict
 
@@ -150,9 +150,8 @@ def main(argv):
   print(f"step {run.step}, beam size {config.decode.beam_size}")
   print(Evaluator.table(results), flush=True)
   if jax.process_index() == 0:
-    path = os.path.join(values.workdir, f"eval_step{run.step}.json")
-    with open(path, "w") as f:
-      json.dump({"step": run.step, "results": results}, f, indent=2)
+    path = epath.Path(values.workdir) / f"eval_step{run.step}.json"
+    path.write_text(json.dumps({"step": run.step, "results": results}, indent=2))
     print(f"wrote {path}")
 
 

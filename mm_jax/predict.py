@@ -18,6 +18,7 @@ import os
 import sys
 
 import numpy as np
+from etils import epath
 
 MAX_FILE_BYTES = 50 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000
@@ -37,13 +38,12 @@ def load_config(workdir: str, config=None):
 
   if config is not None:
     return config
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise PredictError(
       f"{path} not found: pass the run's config with --config=configs/multimodel.py:SIZE"
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 @dataclasses.dataclass
@@ -96,8 +96,8 @@ def load_run(workdir: str, config=None) -> Run:
   from mm_jax.models.multimodel import MultiModel
 
   config = load_config(workdir, config)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir() or not any(d.name.isdigit() for d in directory.iterdir()):
     raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules()

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _SPECIALS = 3
@@ -95,17 +96,16 @@ def train(texts: Sequence[str], vocab_size: int, user_symbols: Sequence[str] = (
 
 
 def load(path: str) -> Tokenizer:
-  with open(path, "rb") as f:
-    return Tokenizer(f.read())
+  return Tokenizer(epath.Path(path).read_bytes())
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-  """Atomic write, so concurrent hosts never read half a model."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(tokenizer.model_proto)
-  os.replace(tmp, path)
+  """Write-then-rename, so concurrent hosts never read half a model (local or gs:// paths)."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
+  tmp.write_bytes(tokenizer.model_proto)
+  tmp.replace(target)
 
 
 def load_or_train(config) -> Tokenizer:
@@ -117,7 +117,7 @@ def load_or_train(config) -> Tokenizer:
   mixture = pipeline.mixture_key(config)
   vocab_size = int(config.data.tokenizer_vocab_size)
   path = model_path(root, mixture, vocab_size, text_tasks)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return load(path)
   texts = pipeline.tokenizer_training_text(config)
   trees = [t for t in texts if t.startswith("(")]
