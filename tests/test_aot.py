@@ -36,10 +36,10 @@ def test_collectives_are_counted_with_their_result_bytes():
   assert got["reduce-scatter"] == {"count": 0, "bytes": 0}
 
 
-def test_batch_specs_match_what_the_pipeline_yields(tmp_path_factory):
+def test_batch_specs_match_what_the_pipeline_yields(tiny_data_dir):
   tasks_arg = "image_classification+image_captioning+speech_recognition+translate_en_de"
   config = multimodel_config.get_config(f"tiny,tasks={tasks_arg}")
-  config.data.data_dir = str(tmp_path_factory.getbasetemp() / "faults_data")
+  config.data.data_dir = str(tiny_data_dir)
   batch = next(pipeline.TrainIterator(config, data_parallel=8))
   sizes = pipeline.task_batch_sizes(config, 8)
   for name, task in pipeline.build_tasks(config).items():

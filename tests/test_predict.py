@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import scipy.io.wavfile
 import trained_tiny
+from xla_flags import xla_flags
 
 from mm_jax import predict
 
@@ -93,7 +94,7 @@ def _cli(workdir, *args):
     capture_output=True,
     text=True,
     timeout=300,
-    env={**os.environ, "XLA_FLAGS": ""},
+    env={**os.environ, "XLA_FLAGS": xla_flags(None)},
   )
 
 

@@ -1,0 +1,17 @@
+"""XLA flags for every test process: forced CPU devices and a cheap backend compile.
+
+The tests run tiny programs, so compiling dominates their time. LLVM at -O0 without its
+expensive passes compiles in about two thirds of the CPU time; what a test checks does not
+depend on it (each compares programs compiled alike, or a float64 reference with a tolerance).
+Subprocesses (command-line, fault and multi-process tests) get the same flags, so their
+compiles also hit the session's persistent compilation cache.
+"""
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(num_devices: int | None) -> str:
+  """The XLA_FLAGS value for a test process with `num_devices` forced CPU devices (None: 1)."""
+  if num_devices is None:
+    return FAST_COMPILE
+  return f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}"
