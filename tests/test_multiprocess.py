@@ -15,9 +15,11 @@ import sys
 
 import numpy as np
 import pytest
+from xla_flags import xla_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
+import short_kernels  # noqa: E402
 
 from mm_jax import train  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
@@ -72,7 +74,7 @@ def _free_port():
 
 def _launch(workdir, data_dir):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   procs = []
   for index in range(2):
@@ -87,6 +89,7 @@ def _launch(workdir, data_dir):
       "--num_processes=2",
       f"--process_id={index}",
       *flags,
+      *short_kernels.flags(),
     ]
     with open(os.path.join(workdir, f"process-{index}.log"), "w") as log:
       procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log))
@@ -104,9 +107,9 @@ def _event_losses(workdir):
   return np.array([float(tensor_util.make_ndarray(e.tensor_proto)) for e in events])
 
 
-def test_two_processes_match_one_process(tmp_path_factory, monkeypatch):
-  data_dir = str(tmp_path_factory.getbasetemp() / "faults_data")
-  config = multimodel_config.get_config(f"tiny,tasks={TASKS}")
+def test_two_processes_match_one_process(tiny_data_dir, tmp_path_factory, monkeypatch):
+  data_dir = str(tiny_data_dir)
+  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={TASKS}"))
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(OVERRIDES)
   pipeline.ensure_prepared(config)  # build the data once, before two processes race for it

@@ -5,13 +5,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
+import short_kernels  # noqa: E402
 
 # One task per input modality: a PNG, a WAV and a sentence each have a task to go to.
 TASKS = "tasks=image_classification+speech_recognition+translate_en_de"
 
 
 def tiny_config(data_dir):
-  config = multimodel_config.get_config(f"tiny,{TASKS}")
+  config = short_kernels.apply(multimodel_config.get_config(f"tiny,{TASKS}"))
   config.data.data_dir = str(data_dir)
   config.train.num_steps = 2
   config.train.eval_every = 1000
@@ -22,12 +23,18 @@ def tiny_config(data_dir):
 
 
 def trained_workdir(tmp_path_factory):
-  """Trains 2 steps into <session tmp>/trained_tiny the first time; later calls reuse it."""
+  """Trains 2 steps into <session tmp>/trained_tiny the first time; later calls reuse it.
+
+  On one device: its step compiles without SPMD partitioning. The saved config keeps
+  mesh.data = -1, so predict and gallery restore the checkpoint onto all 8 devices.
+  """
+  import jax
+
   from mm_jax import train
 
   workdir = tmp_path_factory.getbasetemp() / "trained_tiny"
   if not (workdir / "done").exists():
     config = tiny_config(tmp_path_factory.getbasetemp() / "tiny_data")  # conftest's tiny_data_dir
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
     (workdir / "done").write_text("ok")
   return workdir
