@@ -1,0 +1,417 @@
+"""Speed and memory of the default training run (issue #5), and input vs step (issue #4): one table.
+
+  nice python bench/train.py [--config=configs/multimodel.py[:variant]] [--config.x=y ...]
+      [--steps=10] [--startup_steps=2] [--input_batches=20] [--skip_startup]
+
+Every timing is a ratio against a baseline measured in the same run:
+- MFU: analytic model FLOPs of one train step (bench/model.py: every modality net, body, decoder
+  and softmax of every task group, at the batch's padded shapes; backward = 2x forward) / the
+  median of real step times (each step blocked until its outputs are ready) / the float32 matmul
+  peak, measured before and after the steps (the higher is used, so MFU is not inflated).
+- Time to first step: the real trainer (`python -m mm_jax.main`) in a fresh subprocess with an
+  empty compilation cache, split at its log lines; each piece / the total. The embedded data must
+  already be built (~/.cache/mm_jax): its one-time build is not part of this time.
+- Peak resident memory: the same subprocess's ru_maxrss (first steps, then the final evaluation
+  with decoding), / the 6 GB budget.
+- Input vs step: examples/s the TrainIterator delivers for the whole mixture / examples/s the
+  train step consumes, each measured alone (on a shared 2-core machine they also compete).
+The in-process step reuses the subprocess's compilation cache, so its start-up pieces show what a
+warm cache would give.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bench import input as input_bench  # noqa: E402
+from bench import model as model_bench  # noqa: E402
+from mm_jax import grouping, optimizer, sharding, train, validation  # noqa: E402
+from mm_jax.data import pipeline  # noqa: E402
+from mm_jax.models.multimodel import MultiModel  # noqa: E402
+
+_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "multimodel.py")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Only when run as a script: bench/input.py imports this module for its step timing."""
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (as main.py).")
+  flags.DEFINE_integer("steps", 10, "Timed train steps (after the compiling one).")
+  flags.DEFINE_integer("startup_steps", 2, "Steps of the trainer subprocess.")
+  flags.DEFINE_integer(
+    "startup_eval_batches", None, "Held-out batches per task in the subprocess (default: config's)."
+  )
+  flags.DEFINE_integer("startup_timeout", 1500, "Seconds before the subprocess is killed.")
+  flags.DEFINE_bool("skip_startup", False, "No subprocess: MFU and input only.")
+  flags.DEFINE_integer("input_batches", 20, "Mixture batches timed.")
+  flags.DEFINE_integer("peak_n", 4096, "Side of the square matmul for the peak.")
+  flags.DEFINE_integer("peak_repeats", 3, "Timed matmuls per peak measurement.")
+
+
+MEMORY_BUDGET_BYTES = 6e9
+FIRST_STEP_GOAL_S = 60.0
+MFU_GOAL = 0.35
+INPUT_GOAL = 1.0  # issue #4 asks for 3x headroom; #5's bar is "never the bottleneck"
+
+# Trainer log lines that end each start-up piece (mm_jax/main.py and mm_jax/train.py).
+_MARKERS = (
+  ("imports (python, jax, tf, mm_jax)", "devices:"),
+  ("data ready (first batch of every task)", "task groups:"),
+  ("init compile + run", "parameters:"),
+)
+_FIRST_STEP = re.compile(r"first step done ([0-9.]+) s after the loop started")
+
+
+# ---------------------------------------------------------------------------- the real trainer
+
+
+@dataclasses.dataclass
+class TrainerRun:
+  returncode: int
+  total_s: float  # start to the end of the first step
+  wall_s: float  # the whole run, final evaluation included
+  pieces: dict[str, float]  # start-up piece -> seconds; empty if the first step never finished
+  peak_first_step_bytes: int
+  peak_bytes: int
+  tail: list[str]
+
+
+def _high_water_bytes(pid: int) -> int:
+  """VmHWM: the process's peak resident set so far."""
+  try:
+    with open(f"/proc/{pid}/status") as status:
+      for line in status:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def config_args(argv) -> list[str]:
+  """The --config and --config.x=y flags of a command line, for the trainer to see the same.
+
+  Only the --flag=value form (a separate value would be lost).
+  """
+  args = [a for a in argv[1:] if a.startswith(("--config=", "--config."))]
+  if not any(a.startswith("--config=") for a in args):
+    args.insert(0, f"--config={_DEFAULT_CONFIG}")
+  return args
+
+
+def run_trainer(args, *, steps, eval_batches, cache_dir, timeout) -> TrainerRun:
+  """`python -m mm_jax.main` for `steps` steps; times its start-up from its log lines."""
+  with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
+    return _run_trainer_in(workdir, args, steps, eval_batches, cache_dir, timeout)
+
+
+def _run_trainer_in(workdir, args, steps, eval_batches, cache_dir, timeout) -> TrainerRun:
+  command = [
+    sys.executable,
+    "-m",
+    "mm_jax.main",
+    *args,
+    f"--workdir={workdir}",
+    f"--config.train.num_steps={steps}",
+  ]
+  if eval_batches is not None:
+    command.append(f"--config.train.eval_batches={eval_batches}")
+  path = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache_dir)
+  start = time.perf_counter()
+  proc = subprocess.Popen(
+    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  watchdog = threading.Timer(timeout, proc.kill)
+  watchdog.start()
+  ends, first_step_s, peak_first_step, tail = {}, None, 0, []
+  for line in proc.stdout:
+    now = time.perf_counter() - start
+    tail = (tail + [line.rstrip()])[-15:]
+    for piece, marker in _MARKERS:
+      if piece not in ends and marker in line:
+        ends[piece] = now
+    found = _FIRST_STEP.search(line)
+    if found and first_step_s is None:
+      first_step_s, ends["first step"] = float(found.group(1)), now
+      peak_first_step = _high_water_bytes(proc.pid)
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  watchdog.cancel()
+  total = ends.get("first step", time.perf_counter() - start)
+  return TrainerRun(
+    returncode=proc.returncode,
+    total_s=total,
+    wall_s=time.perf_counter() - start,
+    pieces=_pieces(ends, first_step_s) if first_step_s is not None else {},
+    peak_first_step_bytes=peak_first_step,
+    peak_bytes=usage.ru_maxrss * 1024,
+    tail=tail,
+  )
+
+
+def _pieces(ends: dict[str, float], first_step_s: float) -> dict[str, float]:
+  """Consecutive differences of the marker times; the loop's own first-step time is split off."""
+  pieces, previous = {}, 0.0
+  for piece, _ in _MARKERS:
+    pieces[piece] = ends[piece] - previous
+    previous = ends[piece]
+  loop_start = ends["first step"] - first_step_s
+  pieces["evaluator set-up (held-out batches)"] = loop_start - previous
+  pieces["first step compile + run"] = first_step_s
+  return pieces
+
+
+# ---------------------------------------------------------------------------- the step, in process
+
+
+@dataclasses.dataclass
+class InProcessTrainer:
+  """What train.train_and_evaluate builds before its loop, and how long each piece took."""
+
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  train_iter: pipeline.TrainIterator
+  plan: tuple
+  batches: dict  # the first step's merged task-group batches, on device
+  state: train.TrainState
+  step: jax.stages.Compiled  # the jitted train step, compiled for these batches
+  rng: jax.Array
+  seconds: dict[str, float]
+
+
+def start_trainer(config) -> InProcessTrainer:
+  """The same calls, in the same order, as train.train_and_evaluate up to its first step."""
+  seconds = {}
+  start = time.perf_counter()
+  devices = jax.devices()
+  validation.validate(config, num_devices=len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules()
+  tasks = pipeline.build_tasks(config)
+  pipeline.ensure_prepared(config)
+  train_iter = pipeline.TrainIterator(config, data_parallel=sharding.data_parallel_size(mesh))
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  first = next(train_iter)
+  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, first)
+  example = grouping.merge_batches(plan, first)
+  seconds["data ready (first batch of every task)"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), specs)
+  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
+  _, state_shardings = train.state_layout(init, specs, mesh, rules)
+  rng = jax.random.key(config.seed)
+  batches = sharding.global_batch(example, mesh)
+  with sharding.activate(mesh, rules):
+    state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng, batches)
+  jax.block_until_ready(state)
+  seconds["init compile + run"] = time.perf_counter() - start
+
+  step = train.jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
+  with sharding.activate(mesh, rules):
+    start = time.perf_counter()
+    lowered = step.lower(state, batches, rng)
+    seconds["first step: trace + lower"] = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    seconds["first step: XLA compile (or cache load)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    state = jax.block_until_ready(compiled(state, batches, rng))[0]
+    seconds["first step: run"] = time.perf_counter() - start
+  return InProcessTrainer(mesh, rules, train_iter, plan, batches, state, compiled, rng, seconds)
+
+
+def step_seconds(trainer: InProcessTrainer, steps: int) -> list[float]:
+  """Wall time of each step until its new state and metrics exist (not the dispatch rate)."""
+  times = []
+  with sharding.activate(trainer.mesh, trainer.rules):
+    for _ in range(steps):
+      start = time.perf_counter()
+      trainer.state, metrics = jax.block_until_ready(
+        trainer.step(trainer.state, trainer.batches, trainer.rng)
+      )
+      times.append(time.perf_counter() - start)
+  del metrics
+  return times
+
+
+def examples_per_step(trainer: InProcessTrainer) -> int:
+  return sum(trainer.train_iter.batch_sizes.values())
+
+
+def xla_step_flops(trainer: InProcessTrainer) -> float:
+  """XLA's own count, printed beside the analytic one (it over-counts depthwise convs on CPU)."""
+  cost = trainer.step.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def step_macs(config, trainer: InProcessTrainer) -> dict[str, int]:
+  """Analytic forward multiply-adds per task group of the step's batches."""
+  return {
+    group.name: sum(
+      model_bench.task_forward_macs(
+        config.model,
+        group.signature,
+        trainer.batches[group.name]["inputs"].shape,
+        trainer.batches[group.name]["targets"].shape,
+      ).values()
+    )
+    for group in trainer.plan
+  }
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def _row(name, value="", baseline="", ratio="", goal="", met=""):
+  print(f"{name:<46}{value:>14}  {baseline:<26}{ratio:>8}  {goal:<14}{met}")
+
+
+def _met(ok: bool) -> str:
+  return "yes" if ok else "NO"
+
+
+def _mfu_rows(trainer, macs, times, peak):
+  step_s = statistics.median(times)
+  flops = model_bench.train_flops(sum(macs.values()))
+  mfu = flops / step_s / peak
+  xla_flops = xla_step_flops(trainer)
+  _row("MFU of the train step")
+  _row("  model FLOPs per step (analytic)", f"{flops / 1e9:.2f} GFLOP")
+  _row(
+    "  XLA cost-analysis FLOPs (not used)",
+    f"{xla_flops / 1e9:.2f} GFLOP",
+    "analytic",
+    f"{xla_flops / flops:.2f}",
+  )
+  _row(
+    f"  step time (median of {len(times)})", f"{step_s:.3f} s", f"matmul {peak / 1e9:.1f} GFLOP/s"
+  )
+  _row(
+    "  MFU = FLOPs / step time / peak", "", "", f"{100 * mfu:.1f}%", ">= 35%", _met(mfu >= MFU_GOAL)
+  )
+
+
+def _startup_rows(run: TrainerRun):
+  _row("Start to first step (fresh subprocess)", "", f"rc {run.returncode}")
+  for piece, s in run.pieces.items():
+    _row(f"  {piece}", f"{s:.1f} s", f"total {run.total_s:.1f} s", f"{s / run.total_s:.2f}")
+  ratio = run.total_s / FIRST_STEP_GOAL_S
+  _row(
+    "  total",
+    f"{run.total_s:.1f} s",
+    f"goal {FIRST_STEP_GOAL_S:.0f} s",
+    f"{ratio:.2f}",
+    "<= 1",
+    _met(bool(run.pieces) and ratio <= 1),
+  )
+  _row("  (the whole subprocess, final eval included)", f"{run.wall_s:.1f} s")
+
+
+def _memory_rows(run: TrainerRun):
+  _row("Peak resident memory (subprocess, ru_maxrss)")
+  for label, used in (
+    ("  through the first step", run.peak_first_step_bytes),
+    ("  whole run (steps, final eval with decoding)", run.peak_bytes),
+  ):
+    ratio = used / MEMORY_BUDGET_BYTES
+    _row(label, f"{used / 1e9:.2f} GB", "budget 6 GB", f"{ratio:.2f}", "<= 1", _met(ratio <= 1))
+
+
+def _input_rows(trainer, times, input_rate):
+  step_rate = examples_per_step(trainer) / statistics.median(times)
+  ratio = input_rate / step_rate
+  _row("Input pipeline vs train step (whole mixture)")
+  _row(
+    "  TrainIterator examples/s",
+    f"{input_rate:.0f} ex/s",
+    f"step {step_rate:.1f} ex/s",
+    f"{ratio:.1f}",
+    ">= 1 (#4: 3)",
+    _met(ratio >= INPUT_GOAL),
+  )
+
+
+def _details(trainer, macs, cache_warm: bool):
+  warm = "compile cache warm from the subprocess" if cache_warm else "cold compile cache"
+  print(f"\nIn-process start-up ({warm}; imports already done):")
+  for piece, s in trainer.seconds.items():
+    print(f"  {piece:<44}{s:>8.1f} s")
+  total = sum(macs.values())
+  print("\nAnalytic forward multiply-adds per task group (padded shapes):")
+  for group in trainer.plan:
+    batch = trainer.batches[group.name]
+    shapes = {k: batch[k].shape for k in ("inputs", "targets")}
+    print(f"  {group.name:<24}{100 * macs[group.name] / total:>6.1f}%  {shapes}")
+
+
+def main(argv):
+  del argv  # absl passes only what its flags left over; the trainer gets sys.argv's --config flags
+  logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  print(
+    f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
+    f"{os.cpu_count()} CPUs, {' '.join(config_args(sys.argv))}"
+  )
+  with tempfile.TemporaryDirectory(prefix="bench_train_jit_cache_") as cache_dir:
+    run = None
+    if not FLAGS.skip_startup:
+      run = run_trainer(
+        config_args(sys.argv),
+        steps=FLAGS.startup_steps,
+        eval_batches=FLAGS.startup_eval_batches,
+        cache_dir=cache_dir,
+        timeout=FLAGS.startup_timeout,
+      )
+      if run.returncode != 0 or not run.pieces:
+        print(f"trainer subprocess failed (rc {run.returncode}); its last lines:")
+        print("\n".join(run.tail))
+      # The in-process step compiles the same program: it may load the subprocess's executable.
+      jax.config.update("jax_compilation_cache_dir", cache_dir)
+    config.train.num_steps = FLAGS.startup_steps  # the schedule is part of the compiled program
+
+    peak = model_bench.matmul_peak(FLAGS.peak_n, FLAGS.peak_repeats)
+    trainer = start_trainer(config)
+    times = step_seconds(trainer, FLAGS.steps)
+    # Other work shares these cores: re-measure the peak and keep the best, so MFU is not inflated.
+    peak = max(peak, model_bench.matmul_peak(FLAGS.peak_n, FLAGS.peak_repeats))
+    input_rate = input_bench.examples_per_second(
+      trainer.train_iter, FLAGS.input_batches, examples_per_step(trainer)
+    )
+
+  macs = step_macs(config, trainer)
+  print()
+  _row("measure", "value", "baseline (same run)", "ratio", "goal", "met")
+  _row("-" * 44, "-" * 14, "-" * 26, "-" * 8, "-" * 12, "---")
+  _mfu_rows(trainer, macs, times, peak)
+  if run is not None:
+    _startup_rows(run)
+    _memory_rows(run)
+  _input_rows(trainer, times, input_rate)
+  _details(trainer, macs, cache_warm=run is not None)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
