@@ -297,51 +297,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step = start_step
   final_metrics = {}
   t_start = time.time()
-  termination = _TerminationFlag().__enter__()
-  while step < num_steps:
-    if _on_any_process(termination.raised):
-      ckpt.save(step, state, train_iter.get_state(), force=True)
-      ckpt.close()
-      termination.__exit__()
-      raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      if config.train.fixed_batch:
-        task_batches = first
-      else:
-        task_batches, pending = (pending if pending is not None else next(train_iter)), None
-      batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
-      with sharding.activate(mesh, rules):
-        state, metrics = jit_step(state, batches, rng)
-    step += 1
-    if step == start_step + 1:
-      logging.info("first step done %.1f s after the loop started", time.time() - t_start)
-    train_metrics.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if step % config.train.log_every == 0 or step == num_steps:
-      summary = _mean_metrics(train_metrics)
-      streak = int(state.nonfinite_streak)
-      summary["nonfinite_skipped_total"] = float(state.nonfinite_total)
-      for task, counts in train_iter.counters().items():
-        summary.update({f"data/{task}/{k}": float(v) for k, v in counts.items()})
-      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      history.append((step, summary))
-      train_metrics = []
-      if streak >= config.train.max_consecutive_nonfinite:
-        ckpt.wait()
-        raise NonFiniteError(
-          f"{streak} consecutive steps had non-finite loss or gradients (updates skipped); "
-          f"last good checkpoint: step {ckpt.steps()[-1] if ckpt.steps() else 'none'} in "
-          f"{ckpt.directory}: lower config.optimizer.learning_rate or check the data"
-        )
-    checkpoint_due = step % config.train.checkpoint_every == 0 or step == num_steps
-    if checkpoint_due and int(state.nonfinite_streak) == 0:
-      ckpt.save(step, state, train_iter.get_state())
-    if step % config.train.eval_every == 0 or step == num_steps:
-      with report.timed("eval"):
-        final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
-      writer.write_scalars(step, evaluator.flatten(final_metrics))
-  termination.__exit__()
+  with _TerminationFlag() as termination:
+    while step < num_steps:
+      if _on_any_process(termination.raised):
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+        ckpt.close()
+        raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        if config.train.fixed_batch:
+          task_batches = first
+        else:
+          task_batches, pending = (pending if pending is not None else next(train_iter)), None
+        batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
+        with sharding.activate(mesh, rules):
+          state, metrics = jit_step(state, batches, rng)
+      step += 1
+      if step == start_step + 1:
+        logging.info("first step done %.1f s after the loop started", time.time() - t_start)
+      train_metrics.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.train.log_every == 0 or step == num_steps:
+        summary = _mean_metrics(train_metrics)
+        streak = int(state.nonfinite_streak)
+        summary["nonfinite_skipped_total"] = float(state.nonfinite_total)
+        for task, counts in train_iter.counters().items():
+          summary.update({f"data/{task}/{k}": float(v) for k, v in counts.items()})
+        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        history.append((step, summary))
+        train_metrics = []
+        if streak >= config.train.max_consecutive_nonfinite:
+          ckpt.wait()
+          raise NonFiniteError(
+            f"{streak} consecutive steps had non-finite loss or gradients (updates skipped); "
+            f"last good checkpoint: step {ckpt.steps()[-1] if ckpt.steps() else 'none'} in "
+            f"{ckpt.directory}: lower config.optimizer.learning_rate or check the data"
+          )
+      checkpoint_due = step % config.train.checkpoint_every == 0 or step == num_steps
+      if checkpoint_due and int(state.nonfinite_streak) == 0:
+        ckpt.save(step, state, train_iter.get_state())
+      if step % config.train.eval_every == 0 or step == num_steps:
+        with report.timed("eval"):
+          final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
+        writer.write_scalars(step, evaluator.flatten(final_metrics))
   ckpt.close()
   writer.flush()
   if is_chief and final_metrics:
