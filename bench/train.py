@@ -1,8 +1,10 @@
 """Speed and memory of the default training run (issue #5), and input vs step (issue #4): one table.
 
   nice python bench/train.py [--config=configs/multimodel.py[:variant]] [--config.x=y ...]
-      [--steps=10] [--startup_steps=2] [--input_batches=20] [--skip_startup]
+      [--steps=10] [--startup_steps=2] [--startup_eval_batches=N] [--input_batches=20]
+      [--skip_startup]
 
+About 10 minutes on 2 cores (the trainer subprocess is most of it; --skip_startup drops it).
 Every timing is a ratio against a baseline measured in the same run:
 - MFU: analytic model FLOPs of one train step (bench/model.py: every modality net, body, decoder
   and softmax of every task group, at the batch's padded shapes; backward = 2x forward) / the
@@ -11,12 +13,12 @@ Every timing is a ratio against a baseline measured in the same run:
 - Time to first step: the real trainer (`python -m mm_jax.main`) in a fresh subprocess with an
   empty compilation cache, split at its log lines; each piece / the total. The embedded data must
   already be built (~/.cache/mm_jax): its one-time build is not part of this time.
-- Peak resident memory: the same subprocess's ru_maxrss (first steps, then the final evaluation
-  with decoding), / the 6 GB budget.
+- Peak resident memory: the same subprocess's VmHWM after the first step and ru_maxrss at its end
+  (after the final evaluation with decoding), / the 6 GB budget (GB = 1e9 bytes).
 - Input vs step: examples/s the TrainIterator delivers for the whole mixture / examples/s the
   train step consumes, each measured alone (on a shared 2-core machine they also compete).
-The in-process step reuses the subprocess's compilation cache, so its start-up pieces show what a
-warm cache would give.
+The in-process trainer then compiles the same step with the subprocess's compilation cache, so its
+start-up pieces (trace + lower, compile or cache load, run) show what a warm cache would give.
 """
 
 import dataclasses
@@ -197,6 +199,37 @@ class InProcessTrainer:
   seconds: dict[str, float]
 
 
+_HIT = "/jax/compilation_cache/cache_hits"
+_RETRIEVAL = "/jax/compilation_cache/cache_retrieval_time_sec"
+
+
+class _CacheEvents:
+  """JAX's compilation-cache events (hit counts, seconds reading) recorded inside `with`."""
+
+  _active: "_CacheEvents | None" = None
+  _registered = False
+
+  def __init__(self):
+    self.totals: dict[str, float] = {}
+
+  @classmethod
+  def _record(cls, event: str, amount: float = 1.0, **kwargs):
+    del kwargs
+    if cls._active is not None:
+      cls._active.totals[event] = cls._active.totals.get(event, 0.0) + amount
+
+  def __enter__(self):
+    if not _CacheEvents._registered:
+      jax.monitoring.register_event_listener(_CacheEvents._record)
+      jax.monitoring.register_event_duration_secs_listener(_CacheEvents._record)
+      _CacheEvents._registered = True
+    _CacheEvents._active = self
+    return self.totals
+
+  def __exit__(self, *exc):
+    _CacheEvents._active = None
+
+
 def start_trainer(config) -> InProcessTrainer:
   """The same calls, in the same order, as train.train_and_evaluate up to its first step."""
   seconds = {}
@@ -234,8 +267,14 @@ def start_trainer(config) -> InProcessTrainer:
     lowered = step.lower(state, batches, rng)
     seconds["first step: trace + lower"] = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile()
-    seconds["first step: XLA compile (or cache load)"] = time.perf_counter() - start
+    with _CacheEvents() as events:
+      compiled = lowered.compile()
+    hit = _HIT in events
+    seconds[f"first step: XLA compile ({'cache hit' if hit else 'no cache hit'})"] = (
+      time.perf_counter() - start
+    )
+    if hit:
+      seconds["  of which reading the cached executable"] = events[_RETRIEVAL]
     start = time.perf_counter()
     state = jax.block_until_ready(compiled(state, batches, rng))[0]
     seconds["first step: run"] = time.perf_counter() - start
