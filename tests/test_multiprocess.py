@@ -19,7 +19,6 @@ from xla_flags import xla_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
-import short_kernels  # noqa: E402
 
 from mm_jax import train  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
@@ -89,7 +88,6 @@ def _launch(workdir, data_dir):
       "--num_processes=2",
       f"--process_id={index}",
       *flags,
-      *short_kernels.flags(),
     ]
     with open(os.path.join(workdir, f"process-{index}.log"), "w") as log:
       procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log))
@@ -109,7 +107,7 @@ def _event_losses(workdir):
 
 def test_two_processes_match_one_process(tiny_data_dir, tmp_path_factory, monkeypatch):
   data_dir = str(tiny_data_dir)
-  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={TASKS}"))
+  config = multimodel_config.get_config(f"tiny,tasks={TASKS}")
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(OVERRIDES)
   pipeline.ensure_prepared(config)  # build the data once, before two processes race for it
