@@ -29,15 +29,9 @@ def corpus_bracket_f1(hypotheses: list[str], references: list[str]) -> float:
   """Labelled bracket F1 (0–100) over the corpus: matched brackets summed as evalb does."""
   from mm_jax.data import trees
 
-  matched = predicted = gold = 0
-  for hypothesis, reference in zip(hypotheses, references):
-    pred, ref = trees.labelled_brackets(hypothesis), trees.labelled_brackets(reference)
-    matched += sum((pred & ref).values())
-    predicted += sum(pred.values())
-    gold += sum(ref.values())
-  precision = matched / predicted if predicted else 0.0
-  recall = matched / gold if gold else 0.0
-  return 100.0 * (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+  counts = [trees.bracket_counts(h, r) for h, r in zip(hypotheses, references)]
+  totals = [sum(column) for column in zip(*counts)] if counts else [0, 0, 0]
+  return 100.0 * trees.precision_recall_f1(*totals)[2]
 
 
 def exact_match(hypotheses: list[str], references: list[str]) -> float:

@@ -132,15 +132,22 @@ def labelled_brackets(linearized: str) -> collections.Counter:
   return spans
 
 
-def bracket_f1(predicted: str, gold: str) -> tuple[float, float, float]:
-  """Labelled bracket (precision, recall, F1), evalb-style without punctuation deletion."""
+def bracket_counts(predicted: str, gold: str) -> tuple[int, int, int]:
+  """(matched, predicted, gold) labelled brackets: what evalb sums over a corpus."""
   pred, ref = labelled_brackets(predicted), labelled_brackets(gold)
-  matched = sum((pred & ref).values())
-  n_pred, n_ref = sum(pred.values()), sum(ref.values())
+  return sum((pred & ref).values()), sum(pred.values()), sum(ref.values())
+
+
+def precision_recall_f1(matched: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
   precision = matched / n_pred if n_pred else 0.0
-  recall = matched / n_ref if n_ref else 0.0
+  recall = matched / n_gold if n_gold else 0.0
   f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   return precision, recall, f1
+
+
+def bracket_f1(predicted: str, gold: str) -> tuple[float, float, float]:
+  """Labelled bracket (precision, recall, F1), evalb-style without punctuation deletion."""
+  return precision_recall_f1(*bracket_counts(predicted, gold))
 
 
 def tree_exact(predicted: str, gold: str) -> bool:
