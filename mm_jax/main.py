@@ -21,6 +21,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard l
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0 for jax.distributed (GPU clusters, tests)."
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  "~/.cache/mm_jax/xla",
+  "Persistent XLA compilation cache: a rerun or resume skips compiling ('' turns it off; "
+  "$JAX_COMPILATION_CACHE_DIR wins when set).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -86,6 +92,9 @@ def main(argv):
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")
+  if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,
