@@ -116,26 +116,10 @@ def slice_mesh(mesh_config, devices, num_slices: int) -> Mesh:
 
 def task_batch_specs(config, task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """One task's global batch as the pipeline builds it (shapes and dtypes), without reading data."""
-  d, m = config.data, config.model
-  sig = task.signature
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-  length = lambda field: pipeline.text_length(config, task.name, field)
-  if sig.input_modality == "language":
-    batch = {"inputs": spec((length("inputs"),), np.int32)}
-  elif sig.input_modality == "image":
-    size = int(d.image_size if sig.target_modality == "categorical" else d.caption_image_size)
-    batch = {"inputs": spec((size, size, int(m.image_channels)), np.float32)}
-  else:
-    frames = int(d.max_audio_frames)
-    batch = {
-      "inputs": spec((frames, int(m.audio_num_mel_bins)), np.float32),
-      "inputs_mask": spec((frames,), np.float32),
-    }
-  batch["targets"] = spec(
-    () if sig.target_modality == "categorical" else (length("targets"),), np.int32
-  )
-  batch["target_space"] = spec((), np.int32)
-  return batch
+  return {
+    key: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+    for key, (shape, dtype) in pipeline.example_shapes(config, task).items()
+  }
 
 
 def group_batch_specs(plan, task_specs: dict[str, dict]) -> dict[str, dict]:

@@ -63,26 +63,12 @@ def _example_batch(config, task, rows: int) -> dict:
   """Zeros shaped like the task's training batch: enough to build its modality nets' params."""
   from mm_jax.data import pipeline
 
-  sig = task.signature
-  batch = {"target_space": np.full([rows], task.target_space_id, np.int32)}
-  if sig.input_modality == "language":
-    batch["inputs"] = np.zeros([rows, pipeline.text_length(config, task.name, "inputs")], np.int32)
-  elif sig.input_modality == "image":
-    size = _image_size(config, task)
-    batch["inputs"] = np.zeros([rows, size, size, 3], np.float32)
-  else:
-    frames, bins = int(config.data.max_audio_frames), int(config.model.audio_num_mel_bins)
-    batch["inputs"] = np.zeros([rows, frames, bins], np.float32)
-    batch["inputs_mask"] = np.ones([rows, frames], np.float32)
-  categorical = sig.target_modality == "categorical"
-  targets = [rows] if categorical else [rows, pipeline.text_length(config, task.name, "targets")]
-  batch["targets"] = np.zeros(targets, np.int32)
+  shapes = pipeline.example_shapes(config, task)
+  batch = {key: np.zeros([rows, *shape], dtype) for key, (shape, dtype) in shapes.items()}
+  batch["target_space"][:] = task.target_space_id
+  if "inputs_mask" in batch:
+    batch["inputs_mask"][:] = 1.0
   return batch
-
-
-def _image_size(config, task) -> int:
-  categorical = task.signature.target_modality == "categorical"
-  return int(config.data.image_size if categorical else config.data.caption_image_size)
 
 
 def load_run(workdir: str, config=None) -> Run:
@@ -191,7 +177,7 @@ def image_example(config, task, data: bytes, name: str = "image") -> dict:
     raise PredictError(f"{name}: not a readable PNG or JPEG image") from None
   if width * height > MAX_IMAGE_PIXELS:
     raise PredictError(f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
-  pixels = pipeline._image(tf.constant(data), _image_size(config, task))
+  pixels = pipeline._image(tf.constant(data), pipeline.image_size(config, task))
   return {"inputs": pixels.numpy().astype(np.float32)}
 
 

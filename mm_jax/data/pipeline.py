@@ -240,10 +240,33 @@ def _audio(samples: tf.Tensor, max_frames: int, num_mel_bins: int) -> dict:
   }
 
 
-def _image_size(config, task) -> int:
+def image_size(config, task) -> int:
   if task.signature.target_modality == "categorical":
     return int(config.data.image_size)
   return int(config.data.caption_image_size)
+
+
+def example_shapes(config, task) -> dict[str, tuple[tuple[int, ...], type]]:
+  """{key: (shape, dtype)} of one training example as this pipeline builds it, without data."""
+  sig = task.signature
+  if sig.input_modality == "language":
+    shapes = {"inputs": ((text_length(config, task.name, "inputs"),), np.int32)}
+  elif sig.input_modality == "image":
+    size = image_size(config, task)
+    shapes = {"inputs": ((size, size, int(config.model.image_channels)), np.float32)}
+  else:
+    frames = int(config.data.max_audio_frames)
+    shapes = {
+      "inputs": ((frames, _num_mel_bins(config)), np.float32),
+      "inputs_mask": ((frames,), np.float32),
+    }
+  categorical = sig.target_modality == "categorical"
+  shapes["targets"] = (
+    () if categorical else (text_length(config, task.name, "targets"),),
+    np.int32,
+  )
+  shapes["target_space"] = ((), np.int32)
+  return shapes
 
 
 def _featurize(config, task, seed: int):
@@ -254,7 +277,7 @@ def _featurize(config, task, seed: int):
     fields = task.source.adapter(raw, tf.stack([tf.constant(seed, tf.int64), index]))
     out = {"_index": index, "_empty": tf.constant(False), "_too_long": tf.constant(False)}
     if modality == "image":
-      out["inputs"] = _image(fields["image"], _image_size(config, task))
+      out["inputs"] = _image(fields["image"], image_size(config, task))
     elif modality == "audio":
       out.update(_audio(fields["speech"], int(config.data.max_audio_frames), _num_mel_bins(config)))
     if "label" in fields:
