@@ -302,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if _on_any_process(termination.raised):
         ckpt.save(step, state, train_iter.get_state(), force=True)
         ckpt.close()
+        writer.flush()
         raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         if config.train.fixed_batch:
@@ -328,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         train_metrics = []
         if streak >= config.train.max_consecutive_nonfinite:
           ckpt.wait()
+          writer.flush()  # the asynchronous writer would drop the scalars that explain the stop
           raise NonFiniteError(
             f"{streak} consecutive steps had non-finite loss or gradients (updates skipped); "
             f"last good checkpoint: step {ckpt.steps()[-1] if ckpt.steps() else 'none'} in "
