@@ -108,9 +108,12 @@ def image_net_macs(m, height: int, width: int, channels: int) -> tuple[int, int]
 
 
 def audio_net_macs(m, frames: int, bins: int) -> tuple[int, int]:
-  """Multiply-adds per utterance (time-strided blocks, then the bins x channels -> d projection)."""
-  grid, c_in, macs = (frames, bins), 1, 0
-  for features in audio_widths(m.d, m.audio_blocks):
+  """Multiply-adds per utterance (a full 3x3 stem, time-strided blocks, then the bins x channels
+  -> d projection)."""
+  widths = audio_widths(m.d, m.audio_blocks)
+  grid, c_in = (frames, bins), widths[0]
+  macs = frames * bins * grid_taps((3, 3), grid) * c_in
+  for features in widths:
     block, grid = xception_block_macs(grid, c_in, features, (2, 1))
     macs, c_in = macs + block, features
   return macs + grid[0] * grid[1] * c_in * m.d, grid[0]
@@ -163,6 +166,11 @@ def task_forward_macs(m, signature, inputs_shape, targets_shape) -> dict[str, in
   else:
     input_net, l_in = 0, inputs_shape[1]
   parts = {"input net": input_net, **encoder_macs(m, l_in)}
+  if signature.input_modality == "audio" and m.get("audio_ctc_weight", 0.0) > 0:
+    # The projection, then optax's CTC: a one-hot gather of the label scores written as an einsum
+    # [T, V] x [N, V], and a [N + 1] one-hot pick of the final score.
+    labels = targets_shape[1]
+    parts["ctc head"] = l_in * m.d * m.vocab_size + l_in * labels * m.vocab_size + labels + 1
   if signature.target_modality == "categorical":
     grid = sequence_grid(l_in, signature.input_modality)
     parts["classifier head"] = categorical_head_macs(m, grid, signature.num_classes)

@@ -46,3 +46,20 @@ def example_stats(logits, targets, target_modality: str, label_smoothing: float)
     "correct": correct.sum(-1),
     "tokens": weights.sum(-1),
   }
+
+
+def ctc_alignment_loss(logits, frame_mask, targets, eos_id: int = 1):
+  """Mean per-token CTC loss of frame logits [B, T, V] against the target ids (blank = pad = 0).
+
+  The auxiliary loss that makes an audio encoder keep what was said: EOS and padding are not
+  labels. Examples with no labels, or more labels than frames (no alignment exists), count zero.
+  """
+  import optax  # noqa: PLC0415
+
+  label_paddings = (targets <= eos_id).astype(jnp.float32)
+  frame_paddings = 1.0 - frame_mask.astype(jnp.float32)
+  per_example = optax.ctc_loss(logits.astype(jnp.float32), frame_paddings, targets, label_paddings)
+  labels = jnp.sum(1.0 - label_paddings, axis=-1)
+  feasible = (labels > 0) & (labels <= jnp.sum(frame_mask, axis=-1))
+  per_token = jnp.where(feasible, per_example / jnp.maximum(labels, 1.0), 0.0)
+  return jnp.sum(per_token) / jnp.maximum(jnp.sum(feasible), 1)

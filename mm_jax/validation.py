@@ -70,6 +70,11 @@ def _validate_model(m, mesh):
       isinstance(value, int) and value >= 0, f"config.model.{name}={value!r}: use an integer >= 0"
     )
   _require(m.ffn in ("moe", "dense"), f"config.model.ffn={m.ffn!r}: use 'moe' or 'dense'")
+  ctc = m.get("audio_ctc_weight", 0.0)
+  _require(
+    isinstance(ctc, int | float) and ctc >= 0,
+    f"config.model.audio_ctc_weight={ctc!r}: use a number >= 0 (0 turns the CTC loss off)",
+  )
   _positive_int(m.vocab_size, "config.model.vocab_size")
   _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
   _require(m.dtype in _DTYPES, f"config.model.dtype={m.dtype!r}: use one of {_DTYPES}")

@@ -24,6 +24,7 @@ CASES = {
   "d_zero": ({"model.d": 0}, "config.model.d"),
   "heads_not_dividing_d": ({"model.num_heads": 3}, "config.model.num_heads"),
   "dropout_above_one": ({"model.dropout": 1.5}, "config.model.dropout"),
+  "negative_ctc_weight": ({"model.audio_ctc_weight": -1.0}, "config.model.audio_ctc_weight"),
   "unknown_ffn": ({"model.ffn": "sparse"}, "config.model.ffn"),
   "vocab_too_small": ({"model.vocab_size": 4}, "config.model.vocab_size"),
   "unknown_dtype": ({"model.dtype": "float16"}, "config.model.dtype"),

@@ -66,3 +66,32 @@ def test_schedule_warms_up_then_decays(decay):
     assert values[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 90 / 90)), abs=1e-6)
   else:
     assert np.all(values[9:] == 1.0)
+
+
+def _reference_ctc(log_probs, labels, blank=0):
+  """-log P(labels | frames) by summing over every frame path that collapses to the labels."""
+  import itertools
+
+  total = 0.0
+  for path in itertools.product(range(log_probs.shape[1]), repeat=log_probs.shape[0]):
+    collapsed = [k for i, k in enumerate(path) if k != blank and (i == 0 or k != path[i - 1])]
+    if collapsed == list(labels):
+      total += np.exp(sum(log_probs[t, k] for t, k in enumerate(path)))
+  return -np.log(total)
+
+
+def test_ctc_alignment_loss_matches_path_enumeration():
+  rng = np.random.default_rng(3)
+  vocab, frames = 4, 5  # ids: 0 blank/pad, 1 EOS, 2-3 words
+  logits = rng.normal(size=(3, frames, vocab)).astype(np.float32)
+  frame_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], np.float32)
+  # Row 2 has 3 labels but only 2 frames: no alignment exists, so it must count zero.
+  targets = np.array([[2, 3, 3, 1, 0], [3, 2, 1, 0, 0], [2, 2, 3, 1, 0]], np.int32)
+  got = float(losses.ctc_alignment_loss(jnp.asarray(logits), frame_mask, targets))
+  want = []
+  for b, labels in ((0, [2, 3, 3]), (1, [3, 2])):
+    n = int(frame_mask[b].sum())
+    x = logits[b, :n].astype(np.float64)
+    log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    want.append(_reference_ctc(log_probs, labels) / len(labels))
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)

@@ -164,8 +164,13 @@ class AudioModality(nn.Module):
 
   @nn.compact
   def __call__(self, frames, mask):
-    x = frames[..., None]
-    for i, width in enumerate(audio_widths(self.d, self.num_blocks)):
+    # A full-conv stem first, as in the image net: a separable conv on one input channel is
+    # rank one, and the LayerNorm after it would squash each position to little more than a sign.
+    widths = audio_widths(self.d, self.num_blocks)
+    x = ConvNorm(widths[0], (3, 3), first_relu=False, dtype=self.dtype, name="stem")(
+      frames[..., None], mask[:, :, None]
+    )
+    for i, width in enumerate(widths):
       x, mask = XceptionBlock(width, (2, 1), skip_relu=True, dtype=self.dtype, name=f"block{i}")(
         x, mask[:, :, None]
       )

@@ -13,11 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mm_jax import losses
 from mm_jax.models.blocks import (
   EMBED_AXES,
   AttentionBlock,
   ConvBlock,
   ConvStep,
+  Dense,
   LayerNorm,
   add_timing_signal,
   timing_signal_at,
@@ -208,6 +210,8 @@ class MultiModel(nn.Module):
     self.encoder = Encoder(c)
     self.mixer = Mixer(c)
     self.decoder = Decoder(c)
+    if c.get("audio_ctc_weight", 0.0) > 0:
+      self.ctc_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=True)
 
   def embed_inputs(self, batch: Mapping[str, Any], signature: TaskSignature):
     """The input modality net: [batch, length, d] and its padding mask (1 = real)."""
@@ -265,7 +269,21 @@ class MultiModel(nn.Module):
     logits, dec_aux = self.decode(
       encoded, mask, batch["targets"], target_space, signature, train=train
     )
-    return logits, (enc_aux + dec_aux).astype(jnp.float32)
+    aux = enc_aux + dec_aux
+    if self.config.get("audio_ctc_weight", 0.0) > 0 and signature.input_modality == "audio":
+      aux += self.config.audio_ctc_weight * self.audio_ctc_loss(encoded, mask, batch["targets"])
+    return logits, aux.astype(jnp.float32)
+
+  def audio_ctc_loss(self, encoded, mask, targets):
+    """CTC from the encoded audio straight to the transcript (config.model.audio_ctc_weight).
+
+    Without it the decoder first learns a language model, and the encoder, getting no use out of
+    the audio yet, learns to pass on little but its length (measured: identical held-out token
+    accuracy with the audio zeroed). Aligning the encoder output with the words directly, as in
+    joint CTC-attention ASR (Kim et al., 2017), gives the attention something to find.
+    """
+    logits = self.ctc_head(encoded.astype(jnp.float32))
+    return losses.ctc_alignment_loss(logits, mask, targets)
 
   def all_tasks(
     self, batches: Mapping[str, Any], signatures: Mapping[str, TaskSignature], *, train
