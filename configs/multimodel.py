@@ -162,6 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.num_steps = {"tiny": 20, "default": 800, "paper": 250_000}[size]
   t.label_smoothing = 0.1
+  # Multiplies each task's per-token loss in the summed objective (the batch share is
+  # data.weights): how hard the shared parameters are pulled towards each task.
+  t.loss_weights = ml_collections.ConfigDict({task: 1.0 for task in ALL_TASKS})
   t.log_every = {"tiny": 5, "default": 50, "paper": 100}[size]
   t.eval_every = {"tiny": 10, "default": 1000, "paper": 10_000}[size]
   t.eval_batches = {"tiny": 2, "default": 8, "paper": 50}[size]

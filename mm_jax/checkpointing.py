@@ -18,8 +18,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from mm_jax.sharding import ConfigError
+
+# Orbax writes a replicated array "replica-parallel": each replica writes a slice of it, cut on
+# the device by an eager slice that compiles a program of its own per shape and device (a few
+# hundred for the tiny model on 8 devices: seconds at a process's first save, and every save
+# dispatches them). Below this many bytes per slice, one replica writes the whole array.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_array_handler():
+  """orbax's default jax.Array handler (same metadata store), replica-parallel only for big
+  slices; registered globally, as orbax's StandardSave takes no handler of its own."""
+  ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    ),
+    override=True,
+  )
 
 
 class CheckpointWriteError(RuntimeError):
@@ -63,6 +83,7 @@ class Checkpointer:
     # Local paths are made absolute; bucket paths (gs://...) go to orbax as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._last_saved = None
+    _use_array_handler()
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(

@@ -231,6 +231,7 @@ def build(workdir: str, config=None, examples: int = 3, output_dir: str | None =
   tasks = [(name, task_entries(run, predictor, task, examples)) for name, task in run.tasks.items()]
   title = f"MultiModel gallery: {os.path.abspath(workdir)}, step {run.step}"
   output_dir = output_dir or workdir
+  os.makedirs(output_dir, exist_ok=True)
   html_path = os.path.join(output_dir, "gallery.html")
   png_path = os.path.join(output_dir, "gallery.png")
   with open(html_path, "w", encoding="utf-8") as f:

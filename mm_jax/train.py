@@ -23,6 +23,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.extend.core import jaxpr_as_fun
 
 from mm_jax import checkpointing, evaluate, grouping, losses, optimizer, sharding, validation
 from mm_jax.data import pipeline
@@ -91,8 +92,16 @@ def _task_sums(stats, task_index, num_tasks):
   return per_task
 
 
-def forward_losses(model, params, batches, plan, *, train, rng, step, label_smoothing):
-  """Total loss and per-task sums over all groups: the body of both train and eval steps."""
+def forward_losses(
+  model, params, batches, plan, *, train, rng, step, label_smoothing, loss_weights=None
+):
+  """Total loss and per-task sums over all groups: the body of both train and eval steps.
+
+  Each task adds its per-token mean loss times its weight (config.train.loss_weights, default 1):
+  the batch share sets how many examples a task sees, the weight how hard the shared parameters
+  are pulled towards it.
+  """
+  loss_weights = loss_weights or {}
   total_task_loss = jnp.zeros((), jnp.float32)
   total_aux = jnp.zeros((), jnp.float32)
   per_task = {}
@@ -108,7 +117,8 @@ def forward_losses(model, params, batches, plan, *, train, rng, step, label_smoo
     )
     for task, sums in zip(group.tasks, _task_sums(stats, batch["task_index"], len(group.tasks))):
       per_task[task] = sums
-      total_task_loss += sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
+      weight = loss_weights.get(task, 1.0)
+      total_task_loss += weight * sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
     total_aux += aux
   return total_task_loss + total_aux, (per_task, total_aux)
 
@@ -124,7 +134,18 @@ def inject_nonfinite(grads, step, steps):
   return jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
 
 
-def train_step(state, batches, rng, *, model, tx, plan, label_smoothing, inject_nonfinite_steps=()):
+def train_step(
+  state,
+  batches,
+  rng,
+  *,
+  model,
+  tx,
+  plan,
+  label_smoothing,
+  loss_weights=None,
+  inject_nonfinite_steps=(),
+):
   """One optimizer update from every task group; skipped (and counted) if anything is non-finite."""
 
   def loss_fn(params):
@@ -137,6 +158,7 @@ def train_step(state, batches, rng, *, model, tx, plan, label_smoothing, inject_
       rng=rng,
       step=state.step,
       label_smoothing=label_smoothing,
+      loss_weights=loss_weights,
     )
 
   (loss, (per_task, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -188,14 +210,31 @@ def _merge(a, b):
 
 
 def state_layout(init, example_specs, mesh, rules):
-  """The train state's shapes and shardings from eval_shape: nothing is allocated."""
+  """The train state's shapes and shardings from one trace of `init`: nothing is allocated."""
+  abstract, shardings, _ = traced_init(init, example_specs, mesh, rules)
+  return abstract, shardings
+
+
+def traced_init(init, example_specs, mesh, rules):
+  """Traces `init` once: (abstract unboxed state, its shardings, jitted init of that state).
+
+  The jitted init replays the trace (the model is not traced again) and writes every leaf
+  straight to its sharding; call it inside `sharding.activate(mesh, rules)`.
+  """
   rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the mesh may be a compile target
   with sharding.activate(mesh, rules):
-    boxed = jax.eval_shape(init, rng, example_specs)
+    jaxpr, boxed = jax.make_jaxpr(init, return_shape=True)(rng, example_specs)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     shardings = _fill_replicated(shardings, mesh)
-    unboxed = jax.eval_shape(lambda r, b: nn.unbox(init(r, b)), rng, example_specs)
-  return unboxed, shardings
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  abstract = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+  treedef = jax.tree.structure(abstract)  # the boxes' leaves are their values, in this order
+  replay = jaxpr_as_fun(jaxpr)
+
+  def unboxed_init(rng, batches):
+    return jax.tree.unflatten(treedef, replay(*jax.tree.leaves((rng, batches))))
+
+  return abstract, shardings, jax.jit(unboxed_init, out_shardings=shardings)
 
 
 def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings):
@@ -206,6 +245,7 @@ def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardin
     tx=tx,
     plan=plan,
     label_smoothing=config.train.label_smoothing,
+    loss_weights=dict(config.train.get("loss_weights") or {}),
     inject_nonfinite_steps=tuple(config.train.get("inject_nonfinite_steps", ())),
   )
   return jax.jit(
@@ -260,8 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   )
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_specs)
   init = functools.partial(init_state, model=model, tx=tx, plan=plan)
-  unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
-  abstract_state, state_shardings = state_layout(init, example_specs, mesh, rules)
+  abstract_state, state_shardings, jit_init = traced_init(init, example_specs, mesh, rules)
 
   # ------------------------------------------------------------------ checkpoint: resume or init
   ckpt = checkpointing.Checkpointer(
@@ -273,9 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   )
   if restored is None:
     with sharding.activate(mesh, rules):
-      state = jax.jit(unboxed_init, out_shardings=state_shardings)(
-        rng, sharding.global_batch(example, mesh)
-      )
+      state = jit_init(rng, sharding.global_batch(example, mesh))
     start_step, pending = 0, first
   else:
     start_step, state, data_state = restored

@@ -155,6 +155,14 @@ def _validate_data(config, mesh):
         name in known, f"config.data.{field} names unknown task {name!r}: use some of {known}"
       )
       _positive_int(length, f"config.data.{field}.{name}")
+  for name, weight in (config.train.get("loss_weights") or {}).items():
+    _require(
+      name in known, f"config.train.loss_weights names unknown task {name!r}: use some of {known}"
+    )
+    _require(
+      isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0,
+      f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
+    )
   data_parallel = mesh["data"] * mesh["expert"]
   pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
 

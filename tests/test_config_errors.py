@@ -54,6 +54,14 @@ CASES = {
   "zero_steps": ({"train.num_steps": 0}, "config.train.num_steps"),
   "zero_log_every": ({"train.log_every": 0}, "config.train.log_every"),
   "smoothing_one": ({"train.label_smoothing": 1.0}, "config.train.label_smoothing"),
+  "negative_loss_weight": (
+    {"train.loss_weights.translate_en_de": -1.0},
+    "config.train.loss_weights.translate_en_de",
+  ),
+  "loss_weight_of_unknown_task": (
+    {"train.loss_weights": {"nosuch": 2.0}},
+    "config.train.loss_weights",
+  ),
   "zero_nonfinite_limit": (
     {"train.max_consecutive_nonfinite": 0},
     "config.train.max_consecutive_nonfinite",

@@ -25,6 +25,7 @@ LENGTH = 12  # decoded positions; the tiny config's largest receptive field is 5
 BATCH = 8
 
 
+@functools.cache  # the MoE variant serves both `setup` and `moe_setup`: built and traced once
 def _model_and_params(variant: str):
   config = multimodel_config.get_config(f"tiny,{variant}" if variant else "tiny")
   config.model.moe.noisy_gating = False

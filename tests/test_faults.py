@@ -1,7 +1,7 @@
 """Faults a long run meets: NaN gradients, a truncated checkpoint, a failing save, kill -9, SIGTERM.
 
-The kill/SIGTERM test runs the real command line in subprocesses that share JAX's persistent
-compilation cache, so only the first of them pays for compiling.
+The kill/SIGTERM test runs the real command line in subprocesses; its unbroken reference run, in
+this process, compiles the programs they then read from the session's persistent compilation cache.
 """
 
 import glob
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from xla_flags import xla_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
@@ -148,6 +147,35 @@ def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
   assert "\n" not in message and str(directory) in message and "step 2" in message
 
 
+def test_small_replicated_arrays_are_saved_whole_without_compiling(devices, tmp_path):
+  """Orbax's replica-parallel save cuts a replicated array into one slice per device, each cut a
+  program compiled on the spot (hundreds for a small model: seconds at a run's first save).
+  Below checkpointing.MIN_REPLICA_SLICE_BYTES per slice one replica writes it whole instead."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # A shape no other test saves: slices of it would not be compiled yet.
+  state = {"w": jax.device_put(jnp.arange(8 * 29, dtype=jnp.float32).reshape(8, 29), replicated)}
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+    ckpt.save(1, state, {"batches": {}})
+    ckpt.close()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  _, restored, _ = ckpt.restore_latest(None)
+  ckpt.close()
+  np.testing.assert_array_equal(restored["w"], np.asarray(state["w"]))
+
+
 # --- kill -9 five times, then SIGTERM: resumed runs end bitwise where an unbroken run ends -
 
 # Five kills at random steps (issue #7), each resumed from the checkpoint the previous run left;
@@ -158,6 +186,17 @@ _LOGGED_STEP = re.compile(r"\] \[(\d+)\] train/")
 _RESUMED = re.compile(r"resumed from step (\d+)")
 
 
+# The run, as config overrides: the command line passes them as flags, the in-process reference
+# run applies them to the same config.
+_RUN = {
+  "train.num_steps": STEPS,
+  "train.log_every": 1,
+  "train.checkpoint_every": 2,
+  "train.eval_every": 1000,
+  "train.eval_batches": 0,
+}
+
+
 def _command(workdir, data_dir):
   return [
     sys.executable,
@@ -166,22 +205,27 @@ def _command(workdir, data_dir):
     f"--config=configs/multimodel.py:tiny,tasks={TASK}",
     f"--workdir={workdir}",
     f"--config.data.data_dir={data_dir}",
-    f"--config.train.num_steps={STEPS}",
-    "--config.train.log_every=1",
-    "--config.train.checkpoint_every=2",
-    "--config.train.eval_every=1000",
-    "--config.train.eval_batches=0",
+    *[f"--config.{key}={value}" for key, value in _RUN.items()],
     *short_kernels.flags(),
   ]
 
 
+def _reference_config(data_dir):
+  """The command line's config, built in this process."""
+  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={TASK}"))
+  config.data.data_dir = data_dir
+  config.update_from_flattened_dict(_RUN)
+  return config
+
+
 def _env():
-  """The session's environment: its XLA flags and persistent compilation cache, so only the
-  first of these runs compiles; every program is cached, however quick its compile."""
+  """This session's XLA flags (so the command-line runs compile what the in-process reference
+  compiled) and persistent compilation cache: only the first run pays for compiling; every
+  program is cached, however quick its compile."""
   return dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=xla_flags(8),
+    XLA_FLAGS=os.environ["XLA_FLAGS"],
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
@@ -224,9 +268,10 @@ def _final_state(workdir):
 @pytest.mark.slow
 def test_kill9_five_times_then_sigterm_resumes_bitwise(data_dir, tmp_path):
   env = _env()
+  # The unbroken reference runs in this process: the same config, compiled programs (the
+  # command-line runs read them from the cache) and trainer, without a process start.
   reference = str(tmp_path / "reference")
-  rc, *_, output = _run_until(_command(reference, data_dir), env, STEPS, None)
-  assert rc == 0, output[-3000:]
+  train.train_and_evaluate(_reference_config(data_dir), reference)
 
   workdir = str(tmp_path / "interrupted")
   rng = random.Random(7)

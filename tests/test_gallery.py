@@ -26,7 +26,7 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
   workdir = trained_tiny.trained_workdir(tmp_path_factory)
-  out = tmp_path_factory.mktemp("gallery")
+  out = tmp_path_factory.mktemp("gallery") / "not_yet_made"  # build() makes it
   html_path, png_path = gallery.build(str(workdir), examples=2, output_dir=str(out))
   return html_path, png_path, ["image_classification", "speech_recognition", "translate_en_de"]
 

@@ -24,6 +24,7 @@ STEPS = 4
 # tests use one group of two tasks (text -> text: encoder, mixer, decoder, MoE, per-task split).
 # The modality nets are covered by test_model.py.
 TASKS = "tasks=translate_en_de+translate_de_en"
+LOSS_WEIGHTS = {"translate_en_de": 0.5, "translate_de_en": 2.0}  # config.train.loss_weights
 
 
 def tiny_config(data_dir, **overrides):
@@ -38,6 +39,7 @@ def tiny_config(data_dir, **overrides):
   # Routing groups never straddle devices; 16 tokens divides every device's share on every mesh
   # below, so the groups (and hence drops and balance losses) are the same on all of them.
   config.model.moe.group_size = 16
+  config.train.loss_weights.update(LOSS_WEIGHTS)
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -61,7 +63,7 @@ def one_device_run(data_dir, tmp_path_factory):
   config = tiny_config(data_dir, **{"mesh.data": 1})
   workdir = tmp_path_factory.mktemp("one_device")
   result = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
-  return workdir, losses_of(result)
+  return workdir, losses_of(result), result["train"]
 
 
 @pytest.mark.parametrize(
@@ -114,3 +116,12 @@ def test_tensorboard_has_per_task_scalars(one_device_run):
   for task in ("translate_en_de", "translate_de_en"):
     assert f"train/{task}/loss" in tags, sorted(tags)
     assert f"train/{task}/accuracy" in tags
+
+
+def test_total_loss_weights_each_task(one_device_run):
+  """The logged total is sum_t weight_t * loss_t + the auxiliary losses, recomputed here."""
+  for _, metrics in one_device_run[2]:
+    want = metrics["moe_aux_loss"] + sum(
+      weight * metrics[f"{task}/loss"] for task, weight in LOSS_WEIGHTS.items()
+    )
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
