@@ -142,8 +142,10 @@ def speed_table(size: str, repeats: int):
   floor = _time_against(baseline, _weight_touch(k, d, hidden, 128), repeats)
   rows.append((128, "(weights only)", floor[1], floor[0], "read 2 x [E,d,h] + write their grads"))
   print(f"\nMoE forward+backward ÷ dense FFN (hidden {k * hidden}), {tokens} tokens, d={d}, ")
-  print(f"expert hidden {hidden}, k={k}, capacity factor 1.0, noisy gating, float32, 1 CPU device")
-  print("(dense timed alternately with each row, best of n each; XLA CPU single-threaded)\n")
+  platform = jax.devices()[0].platform
+  print(f"expert hidden {hidden}, k={k}, capacity factor 1.0, noisy gating, float32, 1 {platform}")
+  threads = "; XLA CPU single-threaded" if platform == "cpu" else ""
+  print(f"(dense timed alternately with each row, best of n each{threads})\n")
   print(f"{'E':>4} | {'dispatch':<17} | {'MoE ms':>8} | {'dense ms':>8} | {'÷ dense':>7} | note")
   print(f"{'-' * 4}-+-{'-' * 17}-+-{'-' * 8}-+-{'-' * 8}-+-{'-' * 7}-+-----")
   for num_experts, variant, seconds, dense_time, note in rows:
