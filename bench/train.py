@@ -36,7 +36,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -252,12 +251,11 @@ def start_trainer(config) -> InProcessTrainer:
   specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), specs)
   init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
-  unboxed_init = lambda rng, batches: nn.unbox(init(rng, batches))
-  _, state_shardings = train.state_layout(init, specs, mesh, rules)
+  _, state_shardings, jit_init = train.traced_init(init, specs, mesh, rules)
   rng = jax.random.key(config.seed)
   batches = sharding.global_batch(example, mesh)
   with sharding.activate(mesh, rules):
-    state = jax.jit(unboxed_init, out_shardings=state_shardings)(rng, batches)
+    state = jit_init(rng, batches)
   jax.block_until_ready(state)
   seconds["init compile + run"] = time.perf_counter() - start
 

@@ -21,6 +21,7 @@ ALL_TASKS = (
   "translate_en_fr",
   "translate_fr_en",
 )
+TRANSLATION_TASKS = tuple(t for t in ALL_TASKS if t.startswith("translate_"))
 
 
 def _model(size: str) -> ml_collections.ConfigDict:
@@ -101,9 +102,8 @@ def _data(size: str) -> ml_collections.ConfigDict:
     d.weights.image_captioning = 0.5
     for task in ("image_classification", "speech_recognition", "constituency_parsing"):
       d.weights[task] = 2.0
-    for task in ALL_TASKS:
-      if task.startswith("translate_"):
-        d.weights[task] = 0.25
+    for task in TRANSLATION_TASKS:
+      d.weights[task] = 0.25
   d.max_text_length = {"tiny": 32, "default": 48, "paper": 256}[size]
   # Per-task text lengths where a task's text is much shorter than max_text_length (padding is
   # compute): {task: tokens}. Tasks that share a signature only run as one batch when their
@@ -112,7 +112,7 @@ def _data(size: str) -> ml_collections.ConfigDict:
   d.target_lengths = ml_collections.ConfigDict()
   if size == "default":  # lengths seen in the embedded data (python -m mm_jax.data.inspect)
     d.input_lengths = ml_collections.ConfigDict(
-      {t: 32 for t in ALL_TASKS if t.startswith("translate_") or t == "constituency_parsing"}
+      {t: 32 for t in (*TRANSLATION_TASKS, "constituency_parsing")}
     )  # longest: 22 (parsing), 39 (translation: a few are cut, and counted)
     d.target_lengths = ml_collections.ConfigDict(
       {"speech_recognition": 16, "image_captioning": 32}  # longest: 11 and 26
@@ -171,9 +171,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 84% vs 98% near step 400) and speech stalled at WER 56; these weights gave F1 87, WER 25.
     t.loss_weights.constituency_parsing = 3.0
     t.loss_weights.speech_recognition = 3.0
-    for task in ALL_TASKS:
-      if task == "image_captioning" or task.startswith("translate_"):
-        t.loss_weights[task] = 0.5
+    for task in ("image_captioning", *TRANSLATION_TASKS):
+      t.loss_weights[task] = 0.5
   t.log_every = {"tiny": 5, "default": 50, "paper": 100}[size]
   t.eval_every = {"tiny": 10, "default": 1000, "paper": 10_000}[size]
   t.eval_batches = {"tiny": 2, "default": 8, "paper": 50}[size]
