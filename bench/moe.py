@@ -11,10 +11,13 @@ that the gather dispatch replaced.
 
 Bytes: on a (data=2, expert=4) mesh, the bytes of every collective in the compiled HLO of one
 MoE layer (per device, result shapes) ÷ the bytes that must move: the dispatched buffer out and
-the combined buffer back, once each (twice more in the backward pass).
+the combined buffer back, once each (twice more in the backward pass). Two expert layouts: the
+default rule (experts split over `expert`, replicated over `data`: their gradients are summed over
+`data`) and experts split over every device (`--config.mesh_rules.expert=data,expert`, GShard).
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -36,6 +39,9 @@ SIZES = {
   "full": dict(tokens=8192, d=512, hidden=1024),
   "quick": dict(tokens=2048, d=128, hidden=256),
 }
+DISPATCHES = ("capacity", "dropless")
+# Bytes table: where the experts live, as the `expert` logical-axis rule (config.mesh_rules).
+EXPERT_RULES = {"expert": "expert", "data,expert": "data,expert"}
 DROPLESS_MAX_EXPERTS = 32  # XLA:CPU lowers ragged_dot to dense work over all experts
 
 
@@ -195,12 +201,12 @@ def bytes_rows(size: str) -> list[dict]:
   x = jax.ShapeDtypeStruct((batch, length, d), jnp.float32)
   x_sharding = sharding.batch_sharding(mesh, 3)
   rows = []
-  for dispatch in ("capacity", "dropless"):
+  for (experts_on, rule), dispatch in itertools.product(EXPERT_RULES.items(), DISPATCHES):
     layer = moe_lib.MoE(
       num_experts=8, k=k, hidden=hidden, capacity_factor_train=1.0, group_size=1024,
       dispatch=dispatch,
     )  # fmt: skip
-    with mesh, nn.logical_axis_rules(sharding.logical_rules()):
+    with mesh, nn.logical_axis_rules(sharding.logical_rules({"expert": rule})):
       boxed = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(x.shape), None)
       specs = nn.get_partition_spec(boxed["params"])
       param_shardings = nn.unbox(nn.logical_to_mesh_sharding(specs, mesh))
@@ -224,7 +230,9 @@ def bytes_rows(size: str) -> list[dict]:
         group = moe_lib.routing_group_size(tokens, 1024, 8)
         slots = 8 * moe_lib.expert_capacity(group, k, 8, 1.0) * tokens // group
         needed = 2 * passes * slots * d * 4 // 8
-        rows.append(dict(dispatch=dispatch, program=name, needed=needed, **totals))
+        rows.append(
+          dict(experts=experts_on, dispatch=dispatch, program=name, needed=needed, **totals)
+        )
   return rows
 
 
@@ -236,17 +244,21 @@ def bytes_table(size: str):
   )  # fmt: skip
   rows = json.loads(result.stdout.strip().splitlines()[-1])
   print("\nCollective bytes per MoE layer (per device, compiled HLO), mesh data=2 x expert=4, E=8")
-  header = f"{'dispatch':<9} | {'program':<8} | " + " | ".join(f"{c:>18}" for c in COLLECTIVES)
+  header = f"{'experts on':<12} | {'dispatch':<9} | {'program':<8} | "
+  header += " | ".join(f"{c:>18}" for c in COLLECTIVES)
   print(header + f" | {'needed':>10} | {'all ÷ need':>10} | {'tokens ÷ need':>13}")
   print("-" * len(header) + "-+-" + "-" * 10 + "-+-" + "-" * 10 + "-+-" + "-" * 13)
   for row in rows:
     moved = sum(row[c] for c in COLLECTIVES)
     cells = " | ".join(f"{row[c]:>18,}" for c in COLLECTIVES)
     tokens = moved - row["all-reduce"]
-    print(f"{row['dispatch']:<9} | {row['program']:<8} | {cells} | {row['needed']:>10,} | "
+    print(f"{row['experts']:<12} | {row['dispatch']:<9} | {row['program']:<8} | {cells} | "
+          f"{row['needed']:>10,} | "
           f"{moved / row['needed']:10.2f} | {tokens / row['needed']:13.2f}")  # fmt: skip
-  print("all-reduce here is the gradient sum of weights replicated over the data axis (data")
-  print("parallelism, not token movement): 'tokens ÷ need' leaves it out.")
+  print("all-reduce is the gradient sum of weights replicated over the data axis (data")
+  print("parallelism, not token movement): 'tokens ÷ need' leaves it out. 'expert' is the default")
+  print("rule (experts replicated over data); 'data,expert' puts one expert on each device")
+  print("(--config.mesh_rules.expert=data,expert), so expert gradients need no all-reduce.")
 
 
 def main():

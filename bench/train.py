@@ -236,7 +236,7 @@ def start_trainer(config) -> InProcessTrainer:
   devices = jax.devices()
   validation.validate(config, num_devices=len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules()
+  rules = sharding.config_rules(config)
   tasks = pipeline.build_tasks(config)
   pipeline.ensure_prepared(config)
   train_iter = pipeline.TrainIterator(config, data_parallel=sharding.data_parallel_size(mesh))

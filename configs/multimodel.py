@@ -11,6 +11,8 @@ or `:tiny,tasks=image_classification+translate_en_de`. Anything else is a
 
 import ml_collections
 
+from mm_jax import sharding
+
 ALL_TASKS = (
   "image_classification",
   "image_captioning",
@@ -146,6 +148,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1, "model": 1})
   if size == "paper":
     c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 8, "model": 1})
+  # Logical axis name -> mesh axes ("a,b"; "" replicates), e.g. experts over every device:
+  # --config.mesh_rules.expert=data,expert (no weight all-reduce; num_experts % data*expert == 0).
+  c.mesh_rules = ml_collections.ConfigDict(sharding.rules_config())
 
   o = ml_collections.ConfigDict()
   o.learning_rate = {"tiny": 1e-3, "default": 3e-3, "paper": 0.05 / 1536**0.5}[size]

@@ -146,7 +146,7 @@ def compile_train_step(config, devices, num_slices: int = 1) -> Compiled:
   """Lowers and compiles train.py's jitted step for `devices` (raises DoesNotFit when too big)."""
   validation.validate(config, num_devices=len(devices), check_data=False)
   mesh = slice_mesh(config.mesh, devices, num_slices)
-  rules = sharding.logical_rules()
+  rules = sharding.config_rules(config)
   tasks = pipeline.build_tasks(config)
   sizes = pipeline.task_batch_sizes(config, sharding.data_parallel_size(mesh))
   task_specs = {name: task_batch_specs(config, task, sizes[name]) for name, task in tasks.items()}

@@ -86,7 +86,7 @@ def load_run(workdir: str, config=None) -> Run:
   if not directory.is_dir() or not any(d.name.isdigit() for d in directory.iterdir()):
     raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules()
+  rules = sharding.config_rules(config)
   tasks = pipeline.build_tasks(config)
   rows = sharding.data_parallel_size(mesh)
   examples = {name: _example_batch(config, task, rows) for name, task in tasks.items()}

@@ -86,11 +86,57 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def logical_rules(overrides: Mapping[str, object] | None = None):
-  """The rules table, with optional per-name overrides from config (None = replicate)."""
+  """The rules table, with per-name overrides (config.mesh_rules): "a,b", "a", "" = replicate.
+
+  `batch` is fixed: the input pipeline splits each batch over data x expert.
+  """
   rules = dict(DEFAULT_RULES)
   for name, axes in (overrides or {}).items():
-    rules[name] = tuple(axes) if isinstance(axes, list) else axes
+    if name not in rules:
+      raise ConfigError(
+        f"config.mesh_rules.{name}: unknown logical axis name; use one of {', '.join(rules)}"
+      )
+    parsed = _parse_axes(name, axes)
+    if name == "batch" and parsed != rules["batch"]:
+      raise ConfigError(
+        f"config.mesh_rules.batch={axes!r}: the batch is always split over data,expert; "
+        "change config.mesh sizes instead"
+      )
+    rules[name] = parsed
   return tuple(rules.items())
+
+
+def _parse_axes(name: str, axes) -> str | tuple[str, ...] | None:
+  if isinstance(axes, str):
+    axes = [a.strip() for a in axes.split(",") if a.strip()]
+  elif axes is None:
+    axes = []
+  elif not isinstance(axes, list | tuple):
+    raise ConfigError(f"config.mesh_rules.{name}={axes!r}: use mesh axis names like 'data,expert'")
+  bad = [a for a in axes if a not in MESH_AXES]
+  if bad or len(set(axes)) != len(axes):
+    raise ConfigError(
+      f"config.mesh_rules.{name}={','.join(map(str, axes))!r}: use distinct mesh axes from "
+      f"{', '.join(MESH_AXES)} ('' replicates)"
+    )
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def rules_config() -> dict[str, str]:
+  """The default table as config strings, so any rule can be overridden from the command line."""
+  return {
+    name: ",".join((axes,) if isinstance(axes, str) else axes or ()) for name, axes in DEFAULT_RULES
+  }
+
+
+def config_rules(config):
+  """The rules a config asks for (configs saved before mesh_rules existed get the defaults)."""
+  return logical_rules(config.get("mesh_rules"))
+
+
+def mesh_axes_of(rules, name: str) -> tuple[str, ...]:
+  axes = dict(rules)[name]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   validation.validate(config, num_devices=len(devices))
   validation.check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules()
+  rules = sharding.config_rules(config)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)

@@ -32,7 +32,8 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
   `check_data=False` skips looking for the datasets on disk (ahead-of-time compilation reads none).
   """
   mesh = sharding.mesh_shape(config.mesh, num_devices)
-  _validate_model(config.model, mesh)
+  rules = sharding.config_rules(config)
+  _validate_model(config.model, mesh, sharding.mesh_axes_of(rules, "expert"))
   _validate_optimizer(config.optimizer)
   _validate_train(config.train)
   _validate_data(config, mesh)
@@ -41,7 +42,7 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
   return mesh
 
 
-def _validate_model(m, mesh):
+def _validate_model(m, mesh, expert_axes):
   _positive_int(m.d, "config.model.d")
   _positive_int(m.num_heads, "config.model.num_heads")
   _require(
@@ -89,7 +90,7 @@ def _validate_model(m, mesh):
   if m.ffn == "moe":
     from mm_jax.models import moe
 
-    moe.validate_moe_config(m.moe, mesh)
+    moe.validate_moe_config(m.moe, mesh, expert_axes)
 
 
 def _validate_optimizer(o):

@@ -43,6 +43,17 @@ CASES = {
     {"model.moe.num_experts": 6, "mesh.data": 2, "mesh.expert": 4},
     "num_experts",
   ),
+  "experts_not_split_by_every_device": (
+    {
+      "model.moe.num_experts": 4,
+      "mesh.data": 2,
+      "mesh.expert": 4,
+      "mesh_rules.expert": "data,expert",
+    },
+    "num_experts",
+  ),
+  "unknown_mesh_axis_in_rule": ({"mesh_rules.expert": "experts"}, "config.mesh_rules.expert"),
+  "batch_rule_changed": ({"mesh_rules.batch": "data"}, "config.mesh_rules.batch"),
   "mesh_product_wrong": ({"mesh.data": 3}, "config.mesh"),
   "mesh_two_fills": ({"mesh.expert": -1}, "config.mesh"),
   "mesh_fill_impossible": ({"mesh.expert": 3}, "config.mesh.data"),

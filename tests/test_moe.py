@@ -239,6 +239,12 @@ MESHES = {
   "expert8": {"data": 1, "expert": 8, "model": 1},
   "one_device": {"data": 1, "expert": 1, "model": 1},
 }
+# Rule sets by name: the default (experts over `expert`, replicated over `data`) and GShard's
+# layout with experts over every device (config.mesh_rules.expert=data,expert).
+RULES = {
+  "experts_on_expert_axis": sharding.logical_rules(),
+  "experts_on_all_devices": sharding.logical_rules({"expert": "data,expert"}),
+}
 
 
 def mesh_for(name, devices):
@@ -251,7 +257,9 @@ def shardings_of(layer, x, mask, mesh):
   return nn.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh))
 
 
-def loss_and_grads(layer, params, x, mask, mesh, set_mesh=False):
+def loss_and_grads(
+  layer, params, x, mask, mesh, set_mesh=False, rules=RULES["experts_on_expert_axis"]
+):
   """value_and_grad of a loss that uses the output, jitted with in/out shardings from the rules."""
 
   def loss(params, x):
@@ -262,7 +270,7 @@ def loss_and_grads(layer, params, x, mask, mesh, set_mesh=False):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   # The layer must find the mesh set either way (flax's own constraints see only set_mesh).
   context = jax.set_mesh(mesh) if set_mesh else mesh
-  with context, nn.logical_axis_rules(sharding.logical_rules()):
+  with context, nn.logical_axis_rules(rules):
     param_shardings = shardings_of(layer, x, mask, mesh)
     x_sharding = sharding.batch_sharding(mesh, 3)
     step = jax.jit(
@@ -273,15 +281,18 @@ def loss_and_grads(layer, params, x, mask, mesh, set_mesh=False):
     return step(params, x)
 
 
+@pytest.mark.parametrize("rules", list(RULES))
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_sharded_equals_unsharded(devices, dispatch):
+def test_sharded_equals_unsharded(devices, dispatch, rules):
   layer = make_layer(num_experts=8, dispatch=dispatch, capacity_factor_eval=0.75)
   x, mask = random_inputs(16, 8, seed=11)
   params = random_params(layer, x, seed=3)
   want_value, want_grads = loss_and_grads(layer, params, x, mask, None)
   for name in MESHES:
     mesh = mesh_for(name, devices)
-    value, grads = loss_and_grads(layer, params, x, mask, mesh, set_mesh=name == "expert8")
+    value, grads = loss_and_grads(
+      layer, params, x, mask, mesh, set_mesh=name == "expert8", rules=RULES[rules]
+    )
     np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=name)
     jax.tree.map(
       lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name),
@@ -294,15 +305,17 @@ def collective_lines(hlo_text, op):
   return [line for line in hlo_text.splitlines() if re.search(rf"\b{op}(-start)?\(", line)]
 
 
+@pytest.mark.parametrize("rules", list(RULES))
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispatch):
+def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispatch, rules):
   layer = make_layer(num_experts=8, hidden=32, dispatch=dispatch)
   x, mask = random_inputs(16, 8, seed=2)
   mesh = mesh_for("data2_expert4", devices)
-  with mesh, nn.logical_axis_rules(sharding.logical_rules()):
+  with mesh, nn.logical_axis_rules(RULES[rules]):
     params = random_params(layer, x, seed=0)
     param_shardings = shardings_of(layer, x, mask, mesh)
-    assert param_shardings["w_in"].spec == PartitionSpec("expert", None, "model")
+    expert_axes = "expert" if rules == "experts_on_expert_axis" else ("data", "expert")
+    assert param_shardings["w_in"].spec == PartitionSpec(expert_axes, None, "model")
 
     def train_step(params, x):
       def loss(params):
@@ -318,10 +331,13 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispa
     )
     hlo = step.lower(params, x).compile().as_text()
   assert collective_lines(hlo, "all-to-all"), "expected the dispatch to be an all-to-all"
-  # Expert weights live as [E/4, d, h] per device; no all-gather may rebuild them.
-  expert_shapes = {f"f32[{a},{b},{c}]" for a in (2, 8) for b, c in ((D, 32), (32, D))}
+  # Expert weights live as [E/4, d, h] (or [E/8, ...]) per device; no all-gather may rebuild them.
+  expert_shapes = {f"f32[{a},{b},{c}]" for a in (1, 2, 8) for b, c in ((D, 32), (32, D))}
   for line in collective_lines(hlo, "all-gather"):
     assert not any(shape in line for shape in expert_shapes), line
+  # Experts replicated over `data` need their gradients summed over it; on every device, not.
+  reduced = [s for line in collective_lines(hlo, "all-reduce") for s in expert_shapes if s in line]
+  assert bool(reduced) == (rules == "experts_on_expert_axis"), reduced
 
 
 # ----------------------------------------------------------------------------------------------

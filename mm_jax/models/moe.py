@@ -49,8 +49,13 @@ CONFIG_FIELDS = (
 NOISE_EPSILON = 1e-2  # Floor on the gating noise scale, as in Shazeer et al.'s code.
 
 
-def validate_moe_config(moe_config: Any, mesh_shape: Mapping[str, int]) -> None:
-  """Raises ConfigError (one line naming the field) for settings that cannot compile or route."""
+def validate_moe_config(
+  moe_config: Any, mesh_shape: Mapping[str, int], expert_axes: tuple[str, ...] = ("expert",)
+) -> None:
+  """Raises ConfigError (one line naming the field) for settings that cannot compile or route.
+
+  `expert_axes`: the mesh axes the `expert` logical axis is split over (config.mesh_rules).
+  """
 
   def get(name):
     return moe_config[name] if isinstance(moe_config, Mapping) else getattr(moe_config, name)
@@ -75,11 +80,12 @@ def validate_moe_config(moe_config: Any, mesh_shape: Mapping[str, int]) -> None:
     )
   if get("dispatch") not in DISPATCHES:
     raise ConfigError(f"{where}.dispatch={get('dispatch')!r}: use one of {', '.join(DISPATCHES)}")
-  expert_ways = int(mesh_shape.get("expert", 1))
+  expert_ways = math.prod(int(mesh_shape.get(a, 1)) for a in expert_axes)
   if num_experts % expert_ways:
+    sizes = " x ".join(f"config.mesh.{a}={int(mesh_shape.get(a, 1))}" for a in expert_axes)
     raise ConfigError(
-      f"{where}.num_experts={num_experts} is not divisible by the expert mesh axis "
-      f"(config.mesh.expert={expert_ways}): make num_experts a multiple of it"
+      f"{where}.num_experts={num_experts} is not divisible by the mesh axes experts are split "
+      f"over ({sizes}): make num_experts a multiple of {expert_ways}"
     )
   model_ways = int(mesh_shape.get("model", 1))
   if int(get("hidden")) % model_ways:
@@ -493,7 +499,7 @@ class MoE(nn.Module):
   def __call__(self, x, mask=None, *, train: bool = False):
     layout = Layout.current()
     mesh_shape = dict(layout.mesh.shape) if layout.mesh is not None else {}
-    validate_moe_config(self, mesh_shape)
+    validate_moe_config(self, mesh_shape, layout.expert)
     batch, length, d = x.shape
     num_experts, dtype = self.num_experts, jnp.dtype(self.dtype)
     mask = jnp.ones((batch, length), jnp.float32) if mask is None else mask.astype(jnp.float32)
