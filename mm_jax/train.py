@@ -25,7 +25,16 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.extend.core import jaxpr_as_fun
 
-from mm_jax import checkpointing, evaluate, grouping, losses, optimizer, sharding, validation
+from mm_jax import (
+  checkpointing,
+  evaluate,
+  grouping,
+  losses,
+  memory,
+  optimizer,
+  sharding,
+  validation,
+)
 from mm_jax.data import pipeline
 from mm_jax.models.multimodel import MultiModel
 
@@ -324,6 +333,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   # ------------------------------------------------------------------ the step
   jit_step = jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
+  t_compile = time.time()
+  with sharding.activate(mesh, rules):
+    compiled_step = jit_step.lower(abstract_state, example_specs, rng).compile()
+  memory.release_freed_memory()  # the compiler's scratch: GBs that malloc would keep
+  logging.info("train step compiled in %.1f s", time.time() - t_compile)
   evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
 
   # ------------------------------------------------------------------ the loop
@@ -347,8 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         else:
           task_batches, pending = (pending if pending is not None else next(train_iter)), None
         batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
-        with sharding.activate(mesh, rules):
-          state, metrics = jit_step(state, batches, rng)
+        state, metrics = compiled_step(state, batches, rng)
       step += 1
       if step == start_step + 1:
         logging.info("first step done %.1f s after the loop started", time.time() - t_start)
@@ -378,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if step % config.train.eval_every == 0 or step == num_steps:
         with report.timed("eval"):
           final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
+        memory.release_freed_memory()  # the evaluation programs' compile scratch
         writer.write_scalars(step, evaluator.flatten(final_metrics))
   ckpt.close()
   writer.flush()
