@@ -76,7 +76,7 @@ _MARKERS = (
   ("imports (python, jax, tf, mm_jax)", "devices:"),
   ("data ready (first batch of every task)", "task groups:"),
   ("init compile + run", "parameters:"),
-  ("train step trace + compile", "train step compiled in"),
+  ("train step compile (the part not overlapped with init)", "train step compiled in"),
 )
 _FIRST_STEP = re.compile(r"first step done ([0-9.]+) s after the loop started")
 
