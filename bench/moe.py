@@ -91,6 +91,28 @@ def _weight_touch(k, d, hidden, num_experts):
   return jax.jit(jax.value_and_grad(loss)), (weights,)
 
 
+def _experts_only(tokens, k, d, hidden, num_experts):
+  """The experts' two batched matmuls alone (k x tokens / E rows each): no routing, no dispatch.
+
+  Against the dense FFN (the same FLOPs), this separates what XLA's batched dot costs at small
+  per-expert batches from what routing and dispatch add.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  rows = k * tokens // num_experts
+  key = jax.random.key(4)
+  x = jax.random.normal(key, (num_experts, rows, d), jnp.float32)
+  w_in = jax.random.normal(key, (num_experts, d, hidden), jnp.float32) * d**-0.5
+  w_out = jax.random.normal(key, (num_experts, hidden, d), jnp.float32) * hidden**-0.5
+
+  def loss(x, w_in, w_out):
+    h = jax.nn.relu(jnp.einsum("end,edh->enh", x, w_in))
+    return jnp.sum(jnp.square(jnp.einsum("enh,ehd->end", h, w_out)))
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (x, w_in, w_out)
+
+
 def speed_table(size: str, repeats: int):
   import jax
   import jax.numpy as jnp
@@ -145,6 +167,9 @@ def speed_table(size: str, repeats: int):
       finally:
         moe_lib.capacity_experts = original
       rows.append((num_experts, variant, seconds, dense_time, ""))
+  for num_experts in (8, 32, 128):
+    alone = _time_against(baseline, _experts_only(tokens, k, d, hidden, num_experts), repeats)
+    rows.append((num_experts, "(experts only)", alone[1], alone[0], "the batched matmuls alone"))
   floor = _time_against(baseline, _weight_touch(k, d, hidden, 128), repeats)
   rows.append((128, "(weights only)", floor[1], floor[0], "read 2 x [E,d,h] + write their grads"))
   print(f"\nMoE forward+backward ÷ dense FFN (hidden {k * hidden}), {tokens} tokens, d={d}, ")
