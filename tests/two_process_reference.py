@@ -16,6 +16,7 @@ import numpy as np
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_REPO, os.path.join(_REPO, "configs")]  # this checkout's mm_jax and configs
 import multimodel as multimodel_config  # noqa: E402
+import short_kernels  # noqa: E402
 
 from mm_jax import train  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
@@ -49,7 +50,7 @@ class TwoProcessData:
 
 
 def main(workdir, data_dir, tasks, overrides):
-  config = multimodel_config.get_config(f"tiny,tasks={tasks}")
+  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={tasks}"))
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(json.loads(overrides))
   train.pipeline.TrainIterator = TwoProcessData

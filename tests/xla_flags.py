@@ -13,13 +13,9 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 ELEMENTAL_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
-def xla_flags(num_devices: int | None, *, elemental_emitters: bool = True) -> str:
-  """The XLA_FLAGS value for a test process with `num_devices` forced CPU devices (None: 1).
-
-  `elemental_emitters=False` keeps XLA's default (MLIR) fusion emitters: for tests whose
-  tolerances were measured on programs compiled with them.
-  """
-  flags = f"{FAST_COMPILE} {ELEMENTAL_EMITTERS}" if elemental_emitters else FAST_COMPILE
+def xla_flags(num_devices: int | None) -> str:
+  """The XLA_FLAGS value for a test process with `num_devices` forced CPU devices (None: 1)."""
+  flags = f"{FAST_COMPILE} {ELEMENTAL_EMITTERS}"
   if num_devices is None:
     return flags
   return f"--xla_force_host_platform_device_count={num_devices} {flags}"
