@@ -231,7 +231,8 @@ class _CacheEvents:
 
 
 def start_trainer(config) -> InProcessTrainer:
-  """The same calls, in the same order, as train.train_and_evaluate up to its first step."""
+  """train.train_and_evaluate's calls up to its first step, one after another so that each piece
+  is timed alone (the trainer compiles the step on a worker thread while it initialises)."""
   seconds = {}
   start = time.perf_counter()
   devices = jax.devices()
