@@ -5,7 +5,7 @@
 #   bash bench/gpu.sh OUTDIR
 set -uo pipefail
 out=${1:-/tmp/mm_jax_gpu}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script changes directory below
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 cd "$(dirname "$0")/.." || exit
 nvidia-smi -L

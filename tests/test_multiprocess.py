@@ -95,7 +95,7 @@ def _event_losses(workdir):
 
 def test_two_processes_match_one_process(tiny_data_dir, tmp_path_factory):
   data_dir = str(tiny_data_dir)
-  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={TASKS}"))
+  config = multimodel_config.get_config(f"tiny,tasks={TASKS}")  # for the data only
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(OVERRIDES)
   pipeline.ensure_prepared(config)  # build the data once, before three processes race for it
