@@ -8,6 +8,10 @@ run with a one-line `CheckpointWriteError` instead of a traceback from orbax's t
 
 The data iterator's position differs per process (its own shard and counters) while orbax writes
 JSON from process 0 only, so every process's position is gathered and saved as one list.
+
+A directory that cannot be created is reported before orbax starts its save: when orbax's own
+step-directory creation fails, its other save threads wait for a signal that never comes (300 s,
+then tracebacks) and keep the process from exiting.
 """
 
 import json
@@ -17,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
@@ -98,6 +103,7 @@ class Checkpointer:
     data = {"per_process": _gather_per_process(data_state)}
     self._last_saved = step  # an async save's failure surfaces later, in wait()
     try:
+      _check_writable(self.directory)
       return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
@@ -143,8 +149,32 @@ class Checkpointer:
       raise self._write_error(self._last_saved, error) from None
 
   def close(self):
-    self.wait()
-    self.manager.close()
+    """Waits for pending saves, then stops orbax's threads (also when a save failed)."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, error, traceback):
+    if error_type is None:
+      self.close()
+      return
+    # The run is already failing: let a pending save finish, but keep the original error.
+    try:
+      self.close()
+    except CheckpointWriteError as write_error:
+      logging.error("%s", write_error)
+
+
+def _check_writable(directory: str):
+  """Raises OSError if `directory` cannot hold a new step directory (it is a file, or read-only)."""
+  path = epath.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  if "://" not in directory and not os.access(directory, os.W_OK | os.X_OK):
+    raise PermissionError(f"no write permission on {directory}")
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -367,11 +367,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step = start_step
   final_metrics = {}
   t_start = time.time()
-  with _TerminationFlag() as termination:
+  # Leaving this block, even by an error, lets the pending checkpoint save finish.
+  with _TerminationFlag() as termination, ckpt:
     while step < num_steps:
       if _on_any_process(termination.raised):
         ckpt.save(step, state, train_iter.get_state(), force=True)
-        ckpt.close()
+        ckpt.wait()
         writer.flush()
         raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -412,7 +413,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
         memory.release_freed_memory()  # the evaluation programs' compile scratch
         writer.write_scalars(step, evaluator.flatten(final_metrics))
-  ckpt.close()
   writer.flush()
   if is_chief and final_metrics:
     print(evaluator.table(final_metrics), flush=True)

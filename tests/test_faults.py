@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -140,11 +141,17 @@ def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
   # The disk "goes away": the checkpoint directory becomes a file mid-run.
   shutil.rmtree(directory)
   directory.write_text("not a directory")
+  threads_before = set(threading.enumerate())
   with pytest.raises(checkpointing.CheckpointWriteError) as info:
     ckpt.save(2, state, {"batches": {}})
     ckpt.wait()
   message = str(info.value)
   assert "\n" not in message and str(directory) in message and "step 2" in message
+  # Nothing of the failed save is left running: orbax's save threads, once started for a step
+  # directory that cannot be created, wait 300 s for it and hold the process at exit.
+  ckpt.close()
+  left = [t.name for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+  assert not left, left
 
 
 def test_small_replicated_arrays_are_saved_whole_without_compiling(devices, tmp_path):
