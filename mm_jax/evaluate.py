@@ -46,6 +46,9 @@ class Evaluator:
   def _forward_fn(self, params, batch, signature):
     logits, _ = self.model.apply({"params": params}, batch, signature, train=False)
     stats = losses.example_stats(logits, batch["targets"], signature.target_modality, 0.0)
+    # The last held-out batch is padded with copies that must not count: a padded language
+    # target is all padding (weight 0 already), but a padded class label is a real class.
+    stats = {k: v * batch["example_weight"] for k, v in stats.items()}
     return stats, logits if signature.target_modality == "categorical" else None
 
   def evaluate(self, params, decode: bool = True) -> dict[str, dict[str, float]]:
@@ -61,6 +64,7 @@ class Evaluator:
     hypotheses, references, all_logits, labels = [], [], [], []
     for host_batch in batches:
       arrays = {k: v for k, v in host_batch.items() if not k.startswith("raw_")}
+      arrays["example_weight"] = host_batch["raw_valid"].astype(np.float32)
       with sharding.activate(self.mesh, self.rules):
         batch = sharding.global_batch(arrays, self.mesh)
         stats, logits = self._forward(params, batch, signature=signature)
