@@ -189,6 +189,12 @@ def speed_table(size: str, repeats: int):
         f"{num_experts:>4} | {variant:<17} | {seconds * 1e3:8.1f} | {dense_time * 1e3:8.1f} | "
         f"{ratio:7.2f} | {note}"
       )
+  touch = floor[1] / floor[0]
+  print(
+    f"\nAt E=128 the experts hold {128 // k}x the dense layer's weights (E / k): reading them and "
+    f"writing their gradients\nalone costs {touch:.2f} of the dense step, so an MoE of this size "
+    f"costs about {1 + touch:.2f} x dense here before any routing."
+  )
 
 
 # ----------------------------------------------------------------------------------------------
