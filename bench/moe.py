@@ -192,8 +192,9 @@ def speed_table(size: str, repeats: int):
   touch = floor[1] / floor[0]
   print(
     f"\nAt E=128 the experts hold {128 // k}x the dense layer's weights (E / k): reading them and "
-    f"writing their gradients\nalone costs {touch:.2f} of the dense step, so an MoE of this size "
-    f"costs about {1 + touch:.2f} x dense here before any routing."
+    f"writing their gradients\nalone takes {touch:.2f} of the dense step. Where that traffic "
+    f"cannot hide behind the matmuls (one CPU thread),\nan MoE of this size costs about "
+    f"{1 + touch:.2f} x dense before any routing."
   )
 
 
