@@ -144,7 +144,7 @@ def final_eval(scalars, steps: int) -> dict[str, dict[str, float]]:
   return results
 
 
-def run_one(name, flags, workdir, passthrough) -> tuple[int, float]:
+def run_one(name, flags, workdir, passthrough) -> int:
   os.makedirs(workdir, exist_ok=True)
   command = [sys.executable, "-m", "mm_jax.main", *flags, f"--workdir={workdir}", *passthrough]
   start = time.time()
@@ -153,8 +153,19 @@ def run_one(name, flags, workdir, passthrough) -> tuple[int, float]:
     log.flush()
     rc = subprocess.call(command, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT)
   seconds = time.time() - start
+  with open(os.path.join(workdir, "wall_minutes.txt"), "w") as f:
+    f.write(f"{seconds / 60:.1f}\n")
   print(f"  {name}: rc {rc}, {seconds / 60:.1f} min", flush=True)
-  return rc, seconds
+  return rc
+
+
+def wall_minutes(workdir) -> str:
+  """The minutes the run took when it ran (kept in its workdir, for reports of later calls)."""
+  try:
+    with open(os.path.join(workdir, "wall_minutes.txt")) as f:
+      return f.read().strip()
+  except OSError:
+    return "?"
 
 
 # ---------------------------------------------------------------------------------- the tables
@@ -294,6 +305,7 @@ def plot_curves(curves, tasks, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  colors = {"joint": "C0", "single": "C1", "parsing+image": "C2", "no_moe": "C3"}
   cols = 4
   rows = math.ceil(len(tasks) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -303,7 +315,7 @@ def plot_curves(curves, tasks, path):
       if values:
         steps = sorted(values)
         label = "single" if run.startswith("single:") else run
-        ax.plot(steps, [values[s] for s in steps], label=label)
+        ax.plot(steps, [values[s] for s in steps], label=label, color=colors.get(label, "C4"))
     ax.set_title(task, fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("train log-perplexity")
@@ -332,14 +344,14 @@ def main(argv=None):
     workdir = os.path.join(out, "runs", name.replace(":", "_"))
     scalars = read_scalars(workdir)
     if not final_eval(scalars, args.steps):
-      rc, seconds = run_one(name, runs[name], workdir, extra)
-      minutes[name] = seconds / 60
+      rc = run_one(name, runs[name], workdir, extra)
       scalars = read_scalars(workdir)
       if rc != 0:
         print(f"  {name} failed: see {os.path.join(workdir, 'log.txt')}", flush=True)
     else:
       print(f"  {name}: evaluated at step {args.steps} already, not run again", flush=True)
     results[name], curves[name] = final_eval(scalars, args.steps), scalars
+    minutes[name] = wall_minutes(workdir)
   report = "\n".join(
     [
       f"## The paper's findings at embedded scale ({datetime.date.today().isoformat()})",
@@ -351,8 +363,7 @@ def main(argv=None):
       "acc the per-token accuracy (teacher-forced), metric the task's own (beam decoding).",
       "",
       tables(results, tasks, args.steps, train_examples(config, tasks)),
-      "Minutes per run (this invocation): "
-      + (", ".join(f"{n} {m:.1f}" for n, m in minutes.items()) or "none run"),
+      "Minutes per run (wall, when it ran): " + ", ".join(f"{n} {m}" for n, m in minutes.items()),
       "",
     ]
   )
