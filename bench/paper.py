@@ -19,7 +19,6 @@ scale, the table says so. Nothing is tuned per task.
 """
 
 import argparse
-import ast
 import datetime
 import glob
 import math
@@ -30,7 +29,6 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
-sys.path.insert(0, os.path.join(_REPO, "configs"))
 
 PARSING, IMAGE = "constituency_parsing", "image_classification"
 # Finding 1 holds for a task when the joint log-perplexity is at most this much above the
@@ -58,22 +56,19 @@ def parse_args(argv):
 
 
 def base_config(config_arg: str, overrides=()):
-  """The config the trainer builds from `config_arg` (path[:variant]) and --config.x=y flags."""
-  import multimodel
+  """The config the trainer builds from `config_arg` (path[:variant]) and --config.x=y flags,
+  parsed by the same ml_collections config flag as mm_jax.main's."""
+  from absl import flags
+  from ml_collections import config_flags
 
   path, _, variant = config_arg.partition(":")
-  if os.path.abspath(path) != os.path.abspath(multimodel.__file__):
+  if os.path.basename(path) != "multimodel.py":
     raise SystemExit(f"--config={config_arg}: bench/paper.py builds variants of multimodel.py")
-  config = multimodel.get_config(variant or None)
-  for flag in overrides:
-    if flag.startswith("--config."):
-      key, _, text = flag[len("--config.") :].partition("=")
-      try:
-        value = ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        value = text
-      config.update_from_flattened_dict({key: value})
-  return config, variant
+  argv = ["paper.py", f"--config={config_arg}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config, variant
 
 
 def plan_runs(config_arg: str, steps: int, overrides=()) -> dict[str, list[str]]:

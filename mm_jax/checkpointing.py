@@ -159,13 +159,12 @@ class Checkpointer:
     return self
 
   def __exit__(self, error_type, error, traceback):
-    if error_type is None:
-      self.close()
-      return
-    # The run is already failing: let a pending save finish, but keep the original error.
     try:
       self.close()
     except CheckpointWriteError as write_error:
+      if error_type is None:
+        raise
+      # The run is already failing: the pending save was let finish; keep the original error.
       logging.error("%s", write_error)
 
 
