@@ -42,3 +42,35 @@ def test_masked_max_pool_gradient_reaches_only_the_maxima():
   # Each of the 9 outputs sends gradient 1 to its argmax (distinct random values: no ties).
   assert float(grad.sum()) == pytest.approx(float(y.size))
   assert set(np.asarray(x)[np.asarray(grad) > 0].tolist()) == set(np.asarray(y).ravel().tolist())
+
+
+def reference_pool_gradient(x, mask, kernel, strides, weights):
+  """d sum(pool(x) * weights) / dx: each real window's weight lands on its argmax position."""
+  b, h, w, _ = x.shape
+  grad = np.zeros_like(x)
+  for n, i, j, c in np.ndindex(*weights.shape):
+    if mask[n, i * strides[0], j * strides[1]] == 0:
+      continue
+    rows = range(i * strides[0] - (kernel[0] - 1) // 2, i * strides[0] + kernel[0] // 2 + 1)
+    cols = range(j * strides[1] - (kernel[1] - 1) // 2, j * strides[1] + kernel[1] // 2 + 1)
+    real = [(r, q) for r in rows for q in cols if 0 <= r < h and 0 <= q < w and mask[n, r, q] > 0]
+    r, q = max(real, key=lambda rq: x[n, rq[0], rq[1], c])
+    grad[n, r, q, c] += weights[n, i, j, c]
+  return grad
+
+
+@pytest.mark.parametrize("shape,strides", [((2, 9, 7, 3), (2, 1)), ((2, 8, 8, 2), (2, 2))])
+def test_masked_max_pool_gradient_matches_reference(shape, strides):
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=shape)
+  mask = (rng.random(shape[:3]) > 0.3).astype(np.float64)
+  out_shape = (shape[0], -(-shape[1] // strides[0]), -(-shape[2] // strides[1]), shape[3])
+  weights = rng.normal(size=out_shape)
+
+  def objective(v):
+    y, _ = masked_max_pool(v, jnp.asarray(mask), (3, 3), strides)
+    return (y * jnp.asarray(weights, jnp.float32)).sum()
+
+  grad = jax.grad(objective)(jnp.asarray(x, jnp.float32))
+  expected = reference_pool_gradient(x, mask, (3, 3), strides, weights)
+  np.testing.assert_allclose(grad, expected, atol=1e-5)
