@@ -71,6 +71,9 @@ def _depthwise_bwd(dilation, pads, saved, grad):
 
   Autodiff would give one pad per tap plus one reduction per tap, each re-fusing the gradient's
   producers; materialising the gradient once (the barrier) keeps the backward a few fusions.
+  Each tap's kernel gradient multiplies the padded input by the gradient shifted to that tap:
+  shifting the input instead made XLA materialise every tap's window of it first, which on the
+  audio net's grids was 3.5x slower (bench: 2-D 3x3 taps on [32, 240, 40, 16]).
   """
   x, kernel = saved
   grad = jax.lax.optimization_barrier(grad)
@@ -78,10 +81,14 @@ def _depthwise_bwd(dilation, pads, saved, grad):
   swapped = [(hi, lo) for lo, hi in pads]
   dx = _shifted_sum(grad, jnp.flip(kernel, spatial_axes), dilation, swapped)
   padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  windows = _tap_windows(padded, kernel.shape[:-1], dilation, x.shape[1:-1])
   reduce_axes = tuple(range(x.ndim - 1))
-  dkernel = jnp.stack([(w * grad).sum(reduce_axes) for _, w in windows])
-  return dx, dkernel.reshape(kernel.shape)
+  dkernel = []
+  for tap in np.ndindex(*kernel.shape[:-1]):
+    offsets = [t * r for t, r in zip(tap, dilation)]
+    shift = [(o, p - n - o) for o, p, n in zip(offsets, padded.shape[1:-1], grad.shape[1:-1])]
+    shifted = jnp.pad(grad, ((0, 0), *shift, (0, 0)))
+    dkernel.append((shifted * padded).sum(reduce_axes))
+  return dx, jnp.stack(dkernel).reshape(kernel.shape)
 
 
 _depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
