@@ -176,7 +176,7 @@ def _pieces(ends: dict[str, float], first_step_s: float) -> dict[str, float]:
     pieces[piece] = ends[piece] - previous
     previous = ends[piece]
   loop_start = ends["first step"] - first_step_s
-  pieces["evaluator set-up (held-out batches)"] = loop_start - previous
+  pieces["compiled step to loop start"] = loop_start - previous
   pieces["first step run"] = first_step_s
   return pieces
 

@@ -357,7 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   compiled_step, compile_seconds = step_compile.result()
   memory.release_freed_memory()  # the compiler's scratch: GBs that malloc would keep
   logging.info("train step compiled in %.1f s", compile_seconds)
-  evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
+  # Built at the first evaluation: reading the held-out batches need not delay the first step.
+  evaluator = None
 
   # ------------------------------------------------------------------ the loop
   num_steps = config.train.num_steps
@@ -383,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
         state, metrics = compiled_step(state, batches, rng)
       step += 1
-      if step == start_step + 1:
+      if step == start_step + 1:  # waits for it: dispatch returns before the step has run
+        jax.block_until_ready(metrics)
         logging.info("first step done %.1f s after the loop started", time.time() - t_start)
       train_metrics.append(metrics)
       for hook in hooks:
@@ -410,6 +412,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         ckpt.save(step, state, train_iter.get_state())
       if step % config.train.eval_every == 0 or step == num_steps:
         with report.timed("eval"):
+          evaluator = evaluator or evaluate.Evaluator(
+            config, model, plan, tasks, mesh, rules, train_iter.tokenizer
+          )
           final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
         memory.release_freed_memory()  # the evaluation programs' compile scratch
         writer.write_scalars(step, evaluator.flatten(final_metrics))
