@@ -8,19 +8,20 @@ import pytest
 from mm_jax.models.modalities import masked_max_pool
 
 
+def real_window(mask, n, i, j, kernel, strides):
+  """Real (r, q) of output (i, j)'s window: input i*s - (k-1)//2 ... i*s + k//2 per axis."""
+  _, h, w = mask.shape
+  rows = range(i * strides[0] - (kernel[0] - 1) // 2, i * strides[0] + kernel[0] // 2 + 1)
+  cols = range(j * strides[1] - (kernel[1] - 1) // 2, j * strides[1] + kernel[1] // 2 + 1)
+  return [(r, q) for r in rows for q in cols if 0 <= r < h and 0 <= q < w and mask[n, r, q] > 0]
+
+
 def reference_pool(x, mask, kernel, strides):
-  """Window i along an axis covers input positions i*s - (k-1)//2 ... i*s + k//2."""
   b, h, w, c = x.shape
-  out_h, out_w = -(-h // strides[0]), -(-w // strides[1])
-  out = np.zeros((b, out_h, out_w, c))
-  for n, i, j in np.ndindex(b, out_h, out_w):
-    rows = range(i * strides[0] - (kernel[0] - 1) // 2, i * strides[0] + kernel[0] // 2 + 1)
-    cols = range(j * strides[1] - (kernel[1] - 1) // 2, j * strides[1] + kernel[1] // 2 + 1)
-    real = [
-      x[n, r, q] for r in rows for q in cols if 0 <= r < h and 0 <= q < w and mask[n, r, q] > 0
-    ]
-    centre_real = mask[n, i * strides[0], j * strides[1]] > 0
-    if real and centre_real:
+  out = np.zeros((b, -(-h // strides[0]), -(-w // strides[1]), c))
+  for n, i, j in np.ndindex(out.shape[:3]):
+    real = [x[n, r, q] for r, q in real_window(mask, n, i, j, kernel, strides)]
+    if real and mask[n, i * strides[0], j * strides[1]] > 0:  # the centre must be real too
       out[n, i, j] = np.max(real, axis=0)
   return out
 
@@ -46,14 +47,11 @@ def test_masked_max_pool_gradient_reaches_only_the_maxima():
 
 def reference_pool_gradient(x, mask, kernel, strides, weights):
   """d sum(pool(x) * weights) / dx: each real window's weight lands on its argmax position."""
-  b, h, w, _ = x.shape
   grad = np.zeros_like(x)
   for n, i, j, c in np.ndindex(*weights.shape):
     if mask[n, i * strides[0], j * strides[1]] == 0:
       continue
-    rows = range(i * strides[0] - (kernel[0] - 1) // 2, i * strides[0] + kernel[0] // 2 + 1)
-    cols = range(j * strides[1] - (kernel[1] - 1) // 2, j * strides[1] + kernel[1] // 2 + 1)
-    real = [(r, q) for r in rows for q in cols if 0 <= r < h and 0 <= q < w and mask[n, r, q] > 0]
+    real = real_window(mask, n, i, j, kernel, strides)
     r, q = max(real, key=lambda rq: x[n, rq[0], rq[1], c])
     grad[n, r, q, c] += weights[n, i, j, c]
   return grad
