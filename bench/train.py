@@ -36,6 +36,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
+if __name__ == "__main__":  # the trainer's malloc (mm_jax/main.py), so the step times match it
+  from mm_jax import memory
+
+  memory.restart_with_huge_pages()
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

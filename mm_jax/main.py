@@ -9,6 +9,9 @@ written, 143 after SIGTERM (a checkpoint of the current step was saved first).
 import os
 import sys
 
+from mm_jax import memory
+
+memory.restart_with_huge_pages()  # first: it re-executes the process (see memory.py)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from mm_jax import memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A fresh interpreter, so the heap holds only what this makes: 3000 blocks of 96 KB (below glibc's
@@ -36,3 +38,35 @@ def test_release_returns_freed_heap_pages_to_the_os():
   big_blocks = 3000 * 96 * 1024
   assert held - freed < big_blocks / 4, "glibc returned the blocks by itself: the probe is moot"
   assert freed - after > big_blocks * 0.75, (held, freed, after)
+
+
+# Restarts itself with the tunable, then faults in a 256 MB malloc block page by page.
+HUGE_PAGES_PROBE = """
+import ctypes, os, resource
+from mm_jax import memory
+memory.restart_with_huge_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+size = 256 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(os.environ.get("GLIBC_TUNABLES", "-"), faults)
+"""
+
+
+def test_restart_backs_large_blocks_with_huge_pages():
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MM_JAX_MALLOC_TUNED")}
+  out = subprocess.run(
+    [sys.executable, "-c", HUGE_PAGES_PROBE], cwd=REPO, env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr
+  tunables, faults = out.stdout.split()
+  small_pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+  if memory.huge_pages_available():
+    assert tunables == memory.HUGE_PAGES_TUNABLE
+    assert int(faults) < small_pages / 4, faults  # 2 MB pages: ~128 faults, not 65,536
+  else:  # no THP or no glibc tunable here: the process runs on, unchanged
+    assert tunables == "-"
+    assert int(faults) > small_pages / 2, faults
