@@ -31,7 +31,7 @@ def release_freed_memory() -> bool:
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-_RESTARTED = "MM_JAX_MALLOC_TUNED"  # set in the restarted process; set it yourself to opt out
+RESTARTED_ENV = "MM_JAX_MALLOC_TUNED"  # set in the restarted process; set it yourself to opt out
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -58,12 +58,12 @@ def restart_with_huge_pages() -> None:
   went from 1.2-1.5 s to 0.9-1.15 s (2 cores). glibc reads the tunable only at process start,
   hence the re-exec; call this before anything heavy is imported.
   """
-  if os.environ.get(_RESTARTED) is not None or not huge_pages_available():
+  if os.environ.get(RESTARTED_ENV) is not None or not huge_pages_available():
     return
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:
     return
-  env = dict(os.environ, **{_RESTARTED: "1"})
+  env = dict(os.environ, **{RESTARTED_ENV: "1"})
   env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
   sys.stdout.flush()
   sys.stderr.flush()

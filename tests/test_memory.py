@@ -57,7 +57,7 @@ print(os.environ.get("GLIBC_TUNABLES", "-"), faults)
 
 
 def test_restart_backs_large_blocks_with_huge_pages():
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MM_JAX_MALLOC_TUNED")}
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.RESTARTED_ENV)}
   out = subprocess.run(
     [sys.executable, "-c", HUGE_PAGES_PROBE], cwd=REPO, env=env, capture_output=True, text=True
   )
