@@ -52,6 +52,9 @@ def _model(size: str) -> ml_collections.ConfigDict:
     m.decoder_blocks_before_ffn = 1
     m.decoder_blocks_after_ffn = 1
   m.use_attention = True
+  # One pass of the body over every task group's sequences packed end to end, instead of one pass
+  # (and one compiled copy of the body) per group: mm_jax/models/packing.py.
+  m.pack_groups = True
   m.ffn = "moe"  # "moe" | "dense" (the paper's "without MoE" ablation)
   m.dense_ffn_hidden = 4 * m.d
   # Output spaces that get a learned "To-..." embedding at the decoder's first position.

@@ -3,7 +3,8 @@
 Four translation directions and parsing (language → language, same lengths) become one forward
 pass instead of five; each example keeps its `target_space` and gains a `task_index` so the loss
 can still be reported per task. Grouping happens on the host, before batches reach devices, so
-the jitted step unrolls the model once per group rather than once per task.
+the jitted step runs each modality net once per group rather than once per task (and the body once
+for all groups: models/packing.py).
 """
 
 import dataclasses

@@ -1,9 +1,10 @@
 """The training loop, top to bottom: mesh → data → model → shardings → step → checkpoint → loop.
 
 Every step carries one batch per task group (tasks sharing a signature and shapes are concatenated
-on the host, see grouping.py); the jitted step applies the one shared model to each group in turn
-(unrolled at trace time), sums the per-task losses and the MoE balance losses, and makes one
-optimizer update. A one-entry mixture is the single-task baseline, with no other code path.
+on the host, see grouping.py); the jitted step runs the modality nets per group and the shared body
+once over all groups packed together (config.model.pack_groups, models/packing.py; or once per
+group, unrolled at trace time), sums the per-task losses and the MoE balance losses, and makes
+one optimizer update. A one-entry mixture is the single-task baseline, with no other code path.
 """
 
 import concurrent.futures
@@ -112,24 +113,40 @@ def forward_losses(
   are pulled towards it.
   """
   loss_weights = loss_weights or {}
-  total_task_loss = jnp.zeros((), jnp.float32)
-  total_aux = jnp.zeros((), jnp.float32)
-  per_task = {}
-  for group_index, group in enumerate(plan):
-    batch = batches[group.name]
-    model_batch = {k: v for k, v in batch.items() if k != "task_index"}
-    rngs = _rngs(rng, step, group_index) if train else {}
-    logits, aux = model.apply(
-      {"params": params}, model_batch, group.signature, train=train, rngs=rngs
+  model_batches = {
+    g.name: {k: v for k, v in batches[g.name].items() if k != "task_index"} for g in plan
+  }
+  if model.config.get("pack_groups", False):  # one body pass over all groups (packing.py)
+    logits, total_aux = model.apply(
+      {"params": params},
+      model_batches,
+      {g.name: g.signature for g in plan},
+      train=train,
+      rngs=_rngs(rng, step, 0) if train else {},
+      method="packed",
     )
+  else:
+    logits, total_aux = {}, jnp.zeros((), jnp.float32)
+    for group_index, group in enumerate(plan):
+      logits[group.name], aux = model.apply(
+        {"params": params},
+        model_batches[group.name],
+        group.signature,
+        train=train,
+        rngs=_rngs(rng, step, group_index) if train else {},
+      )
+      total_aux += aux
+  total_task_loss = jnp.zeros((), jnp.float32)
+  per_task = {}
+  for group in plan:
+    batch = batches[group.name]
     stats = losses.example_stats(
-      logits, batch["targets"], group.signature.target_modality, label_smoothing
+      logits[group.name], batch["targets"], group.signature.target_modality, label_smoothing
     )
     for task, sums in zip(group.tasks, _task_sums(stats, batch["task_index"], len(group.tasks))):
       per_task[task] = sums
       weight = loss_weights.get(task, 1.0)
       total_task_loss += weight * sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
-    total_aux += aux
   return total_task_loss + total_aux, (per_task, total_aux)
 
 

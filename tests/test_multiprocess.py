@@ -125,9 +125,10 @@ def test_two_processes_match_one_process(tiny_data_dir, tmp_path_factory):
   assert len(got) == len(want) == STEPS
   # Same data and rngs, different float32 reduction order (gloo across processes vs in-process):
   # the first steps agree to rounding, later ones drift (seen: 1.3e-3 relative by step 18, from
-  # step 15 on; most likely Adam dividing rounding-sized gradients by tiny second moments).
+  # step 15 on; 4.5e-3 by step 20 since the body runs the groups packed, from step 12 on; most
+  # likely Adam dividing rounding-sized gradients by tiny second moments).
   np.testing.assert_allclose(got[:10], want[:10], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got, want, rtol=3e-3)
+  np.testing.assert_allclose(got, want, rtol=1e-2)
 
   # Checkpoints hold both processes' data positions (orbax writes JSON from process 0 only).
   with open(os.path.join(workdir, "checkpoints", str(STEPS), "data", "metadata")) as f:

@@ -33,6 +33,7 @@ from mm_jax.models.modalities import (
   LanguageModality,
   sequence_grid,
 )
+from mm_jax.models.packing import Packing
 from mm_jax.models.signature import TaskSignature
 
 __all__ = ["MultiModel", "TaskSignature", "make_ffn"]
@@ -86,13 +87,14 @@ class Encoder(nn.Module):
     self.ffn = FFNLayer(c)
     self.after = [block() for _ in range(c.encoder_blocks_after_ffn)]
 
-  def __call__(self, x, mask, *, train: bool):
-    x = nn.with_logical_constraint(add_timing_signal(x), EMBED_AXES)
+  def __call__(self, x, mask, *, train: bool, packing=None):
+    """`packing` (packing.Packing): x [rows, tokens, d] holds several groups' sequences."""
+    x = nn.with_logical_constraint(add_timing_signal(x, packing), EMBED_AXES)
     for block in self.before:
-      x = block(x, mask, train=train)
+      x = block(x, mask, train=train, packing=packing)
     x, aux = self.ffn(x, mask, train=train)
     for block in self.after:
-      x = block(x, mask, train=train)
+      x = block(x, mask, train=train, packing=packing)
     return zero_padding(x, mask), aux
 
 
@@ -112,18 +114,29 @@ class Mixer(nn.Module):
   config: Any
 
   @nn.compact
-  def __call__(self, shifted, memory, memory_mask, *, train: bool, timing=None):
+  def __call__(self, shifted, memory, memory_mask, *, train: bool, timing=None, packing=None):
+    """`packing`: (shifted's Packing, memory's Packing) when both hold packed groups."""
     c = self.config
     if c.use_attention:
       context = AttentionBlock(
         c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention"
-      )(shifted, memory, memory_mask, train=train, timing=timing)
-    else:
+      )(shifted, memory, memory_mask, train=train, timing=timing, packing=packing)
+    elif packing is None:
       context = jnp.broadcast_to(masked_mean(memory, memory_mask), shifted.shape)
+    else:
+      targets_packing, memory_packing = packing
+      groups = zip(memory_packing.unpack(memory), memory_packing.unpack(memory_mask))
+      means = [masked_mean(m, mask) for m, mask in groups]
+      context = targets_packing.pack(
+        [
+          jnp.broadcast_to(mean, (mean.shape[0], length, mean.shape[2]))
+          for mean, (_, length) in zip(means, targets_packing.segments)
+        ]
+      )
     kernel = _conv_groups(c)[0][0][0]
     merged = jnp.concatenate([shifted, context.astype(shifted.dtype)], axis=-1)
     x = ConvStep(c.d, (kernel,), (1,), "causal", dtype=_dtype(c), name="merge")(
-      merged, decode=timing is not None
+      merged, decode=timing is not None, packing=None if packing is None else packing[0]
     )
     return nn.with_logical_constraint(x, EMBED_AXES)
 
@@ -138,15 +151,15 @@ class DecoderLayer(nn.Module):
   config: Any
 
   @nn.compact
-  def __call__(self, x, memory, memory_mask, *, train: bool, timing=None):
+  def __call__(self, x, memory, memory_mask, *, train: bool, timing=None, packing=None):
     c = self.config
     # Causal convs: padding sits to the right of every real position, so nothing to mask.
     x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), name="convs")(
-      x, train=train, decode=timing is not None
+      x, train=train, decode=timing is not None, packing=None if packing is None else packing[0]
     )
     if c.use_attention:
       x = AttentionBlock(c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention")(
-        x, memory, memory_mask, train=train, timing=timing
+        x, memory, memory_mask, train=train, timing=timing, packing=packing
       )
     return x
 
@@ -162,12 +175,12 @@ class Decoder(nn.Module):
     self.ffn = FFNLayer(c)
     self.after = [DecoderLayer(c) for _ in range(c.decoder_blocks_after_ffn)]
 
-  def __call__(self, x, mask, memory, memory_mask, *, train: bool, timing=None):
+  def __call__(self, x, mask, memory, memory_mask, *, train: bool, timing=None, packing=None):
     for layer in self.before:
-      x = layer(x, memory, memory_mask, train=train, timing=timing)
+      x = layer(x, memory, memory_mask, train=train, timing=timing, packing=packing)
     x, aux = self.ffn(x, mask, train=train)
     for layer in self.after:
-      x = layer(x, memory, memory_mask, train=train, timing=timing)
+      x = layer(x, memory, memory_mask, train=train, timing=timing, packing=packing)
     return x, aux
 
 
@@ -239,14 +252,18 @@ class MultiModel(nn.Module):
       grid = sequence_grid(encoded.shape[1], signature.input_modality)
       logits = self.categorical(encoded, encoded_mask, grid, signature.num_classes)
       return logits, jnp.zeros((), jnp.float32)
-    start = self.target_space_embedding[target_space].astype(encoded.dtype)
-    embedded = self.language.embed(targets)
-    shifted = jnp.concatenate([start[:, None, :], embedded[:, :-1]], axis=1)
+    shifted = self.shifted_targets(targets, target_space, encoded.dtype)
     x = self.mixer(shifted, encoded, encoded_mask, train=train)
     if target_mask is None:
       target_mask = (targets != 0).astype(jnp.float32)
     x, aux = self.decoder(x, target_mask, encoded, encoded_mask, train=train)
     return self.language.logits(x), aux
+
+  def shifted_targets(self, targets, target_space, dtype):
+    """The decoder's input: the target-space embedding, then the targets embedded, shifted right."""
+    start = self.target_space_embedding[target_space].astype(dtype)
+    embedded = self.language.embed(targets)
+    return jnp.concatenate([start[:, None, :], embedded[:, :-1]], axis=1)
 
   def decode_step(self, encoded, encoded_mask, previous, position, target_space, *, max_length):
     """Logits [B, vocab] at target position `position` (traced), given the token at position - 1
@@ -269,10 +286,57 @@ class MultiModel(nn.Module):
     logits, dec_aux = self.decode(
       encoded, mask, batch["targets"], target_space, signature, train=train
     )
-    aux = enc_aux + dec_aux
-    if self.config.get("audio_ctc_weight", 0.0) > 0 and signature.input_modality == "audio":
-      aux += self.config.audio_ctc_weight * self.audio_ctc_loss(encoded, mask, batch["targets"])
+    aux = enc_aux + dec_aux + self.auxiliary_ctc(encoded, mask, batch["targets"], signature)
     return logits, aux.astype(jnp.float32)
+
+  def auxiliary_ctc(self, encoded, mask, targets, signature):
+    """The weighted audio CTC loss for audio inputs (config.model.audio_ctc_weight), else 0."""
+    if self.config.get("audio_ctc_weight", 0.0) > 0 and signature.input_modality == "audio":
+      return self.config.audio_ctc_weight * self.audio_ctc_loss(encoded, mask, targets)
+    return jnp.zeros((), jnp.float32)
+
+  def packed(self, batches: Mapping[str, Any], signatures: Mapping[str, TaskSignature], *, train):
+    """({group: logits}, total aux loss): every group through one pass of the shared body.
+
+    The groups' sequences are packed end to end (packing.py), so the step compiles one body
+    instead of one per group. Each group's logits equal `self(batch, signature)`'s; only the MoE
+    routes all groups' tokens together (its capacity and balance loss see one batch, not four).
+    """
+    names = list(batches)
+    embedded = {n: self.embed_inputs(batches[n], signatures[n]) for n in names}
+    inputs = Packing.of([embedded[n][0].shape[:2] for n in names])
+    x, aux = self.encoder(
+      inputs.pack([embedded[n][0] for n in names]),
+      inputs.pack([embedded[n][1] for n in names]),
+      train=train,
+      packing=inputs,
+    )
+    encoded = dict(zip(names, inputs.unpack(x)))
+    masks = {n: embedded[n][1] for n in names}
+    logits = {}
+    for n in names:
+      aux += self.auxiliary_ctc(encoded[n], masks[n], batches[n]["targets"], signatures[n])
+      if signatures[n].target_modality == "categorical":
+        logits[n], _ = self.decode(encoded[n], masks[n], None, None, signatures[n], train=train)
+    sequences = [n for n in names if signatures[n].target_modality == "language"]
+    if sequences:
+      targets = [batches[n]["targets"] for n in sequences]
+      packing = (
+        Packing.of([t.shape for t in targets]),
+        Packing.of([encoded[n].shape[:2] for n in sequences]),
+      )
+      shifted = [
+        self.shifted_targets(batches[n]["targets"], batches[n]["target_space"], x.dtype)
+        for n in sequences
+      ]
+      memory = packing[1].pack([encoded[n] for n in sequences])
+      memory_mask = packing[1].pack([masks[n] for n in sequences])
+      y = self.mixer(packing[0].pack(shifted), memory, memory_mask, train=train, packing=packing)
+      target_mask = packing[0].pack([(t != 0).astype(jnp.float32) for t in targets])
+      y, dec_aux = self.decoder(y, target_mask, memory, memory_mask, train=train, packing=packing)
+      aux += dec_aux
+      logits.update(zip(sequences, packing[0].unpack(self.language.logits(y))))
+    return {n: logits[n] for n in names}, aux.astype(jnp.float32)
 
   def audio_ctc_loss(self, encoded, mask, targets):
     """CTC from the encoded audio straight to the transcript (config.model.audio_ctc_weight).
