@@ -321,21 +321,22 @@ class MultiModel(nn.Module):
     sequences = [n for n in names if signatures[n].target_modality == "language"]
     if sequences:
       targets = [batches[n]["targets"] for n in sequences]
-      packing = (
-        Packing.of([t.shape for t in targets]),
-        Packing.of([encoded[n].shape[:2] for n in sequences]),
-      )
+      targets_packing = Packing.of([t.shape for t in targets])
+      memory_packing = Packing.of([encoded[n].shape[:2] for n in sequences])
+      packing = (targets_packing, memory_packing)
       shifted = [
         self.shifted_targets(batches[n]["targets"], batches[n]["target_space"], x.dtype)
         for n in sequences
       ]
-      memory = packing[1].pack([encoded[n] for n in sequences])
-      memory_mask = packing[1].pack([masks[n] for n in sequences])
-      y = self.mixer(packing[0].pack(shifted), memory, memory_mask, train=train, packing=packing)
-      target_mask = packing[0].pack([(t != 0).astype(jnp.float32) for t in targets])
+      memory = memory_packing.pack([encoded[n] for n in sequences])
+      memory_mask = memory_packing.pack([masks[n] for n in sequences])
+      y = self.mixer(
+        targets_packing.pack(shifted), memory, memory_mask, train=train, packing=packing
+      )
+      target_mask = targets_packing.pack([(t != 0).astype(jnp.float32) for t in targets])
       y, dec_aux = self.decoder(y, target_mask, memory, memory_mask, train=train, packing=packing)
       aux += dec_aux
-      logits.update(zip(sequences, packing[0].unpack(self.language.logits(y))))
+      logits.update(zip(sequences, targets_packing.unpack(self.language.logits(y))))
     return {n: logits[n] for n in names}, aux.astype(jnp.float32)
 
   def audio_ctc_loss(self, encoded, mask, targets):

@@ -26,7 +26,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Packing:
-  """Static layout: `rows` rows, each holding `per_row` sequences of `length` for every group."""
+  """Static layout: `rows` rows; per group, each row holds `n` sequences of `length` (segments)."""
 
   rows: int
   segments: tuple[tuple[int, int], ...]  # (sequences per row, length), one pair per group
