@@ -171,6 +171,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.num_steps = {"tiny": 20, "default": 800, "paper": 250_000}[size]
   t.label_smoothing = 0.1
+  # The generator that draws the initial parameters. "rbg" (XLA's RngBitGenerator) compiles the
+  # init in about half the CPU time of "threefry2x32" (13 vs 26 CPU-s for the default model),
+  # but every device draws each whole array and keeps its shard; "threefry2x32" draws only the
+  # shard, which the paper's sharded expert weights need. The step's own key stays threefry.
+  t.init_prng_impl = "threefry2x32" if size == "paper" else "rbg"
   # Multiplies each task's per-token loss in the summed objective (the batch share is
   # data.weights): how hard the shared parameters are pulled towards each task.
   t.loss_weights = ml_collections.ConfigDict({task: 1.0 for task in ALL_TASKS})

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
-from mm_jax import grouping, optimizer, sharding, train, validation  # noqa: E402
+from mm_jax import optimizer, sharding, train, validation  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
 from mm_jax.models.multimodel import MultiModel  # noqa: E402
 from mm_jax.sharding import ConfigError  # noqa: E402
@@ -115,26 +115,6 @@ def slice_mesh(mesh_config, devices, num_slices: int) -> Mesh:
   return Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def task_batch_specs(config, task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """One task's global batch as the pipeline builds it (shapes and dtypes), without reading data."""
-  return {
-    key: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-    for key, (shape, dtype) in pipeline.example_shapes(config, task).items()
-  }
-
-
-def group_batch_specs(plan, task_specs: dict[str, dict]) -> dict[str, dict]:
-  """grouping.merge_batches on shapes: each group's tasks concatenated, plus `task_index`."""
-  merged = {}
-  for group in plan:
-    parts = [task_specs[t] for t in group.tasks]
-    size = sum(p["targets"].shape[0] for p in parts)
-    batch = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in parts[0].items()}
-    batch["task_index"] = jax.ShapeDtypeStruct((size,), np.int32)
-    merged[group.name] = batch
-  return merged
-
-
 @dataclasses.dataclass
 class Compiled:
   compiled: object
@@ -150,9 +130,7 @@ def compile_train_step(config, devices, num_slices: int = 1) -> Compiled:
   rules = sharding.config_rules(config)
   tasks = pipeline.build_tasks(config)
   sizes = pipeline.task_batch_sizes(config, sharding.data_parallel_size(mesh))
-  task_specs = {name: task_batch_specs(config, task, sizes[name]) for name, task in tasks.items()}
-  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, task_specs)
-  batch_specs = group_batch_specs(plan, task_specs)
+  plan, batch_specs = train.step_batch_specs(config, tasks, sizes)
 
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)

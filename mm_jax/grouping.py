@@ -9,6 +9,7 @@ for all groups: models/packing.py).
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from mm_jax.models.signature import TaskSignature
@@ -55,5 +56,25 @@ def merge_batches(plan, task_batches: dict[str, dict]) -> dict[str, dict]:
     batch["task_index"] = np.concatenate(
       [np.full(len(p["targets"]), i, np.int32) for i, p in enumerate(parts)]
     )
+    merged[group.name] = batch
+  return merged
+
+
+def batch_specs(example_shapes: dict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """One task's batch as shapes, from pipeline.example_shapes: {key: (shape, dtype)}."""
+  return {
+    key: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+    for key, (shape, dtype) in example_shapes.items()
+  }
+
+
+def merge_specs(plan, task_specs: dict[str, dict]) -> dict[str, dict]:
+  """merge_batches on shapes: each group's tasks concatenated, plus `task_index`."""
+  merged = {}
+  for group in plan:
+    parts = [task_specs[t] for t in group.tasks]
+    size = sum(p["targets"].shape[0] for p in parts)
+    batch = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in parts[0].items()}
+    batch["task_index"] = jax.ShapeDtypeStruct((size,), np.int32)
     merged[group.name] = batch
   return merged

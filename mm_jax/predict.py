@@ -59,25 +59,11 @@ class Run:
   tokenizer: object
 
 
-def _example_batch(config, task, rows: int) -> dict:
-  """Zeros shaped like the task's training batch: enough to build its modality nets' params."""
-  from mm_jax.data import pipeline
-
-  shapes = pipeline.example_shapes(config, task)
-  batch = {key: np.zeros([rows, *shape], dtype) for key, (shape, dtype) in shapes.items()}
-  batch["target_space"][:] = task.target_space_id
-  if "inputs_mask" in batch:
-    batch["inputs_mask"][:] = 1.0
-  return batch
-
-
 def load_run(workdir: str, config=None) -> Run:
   """Restores the newest readable checkpoint of `workdir` onto a mesh built from its config."""
-  import flax.linen as nn
-  import jax
   import ml_collections
 
-  from mm_jax import grouping, optimizer, sharding, train
+  from mm_jax import optimizer, sharding, train
   from mm_jax.data import pipeline, tokenizer
   from mm_jax.models.multimodel import MultiModel
 
@@ -88,20 +74,12 @@ def load_run(workdir: str, config=None) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.config_rules(config)
   tasks = pipeline.build_tasks(config)
-  rows = sharding.data_parallel_size(mesh)
-  examples = {name: _example_batch(config, task, rows) for name, task in tasks.items()}
-  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, examples)
-  specs = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), grouping.merge_batches(plan, examples)
-  )
+  rows = sharding.data_parallel_size(mesh)  # any batch gives the params' shapes
+  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, rows))
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
   init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
-  with sharding.activate(mesh, rules):
-    boxed = jax.eval_shape(init, jax.random.key(0), specs)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    shardings = train._fill_replicated(shardings, mesh)
-    abstract = jax.eval_shape(lambda r, b: nn.unbox(init(r, b)), jax.random.key(0), specs)
+  abstract, shardings = train.state_layout(init, specs, mesh, rules)
   step, state = _restore_state(directory, abstract, shardings)
   needs_text = bool(pipeline.text_task_names(config))
   tok = tokenizer.load_or_train(config) if needs_text else None

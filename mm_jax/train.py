@@ -113,9 +113,7 @@ def forward_losses(
   are pulled towards it.
   """
   loss_weights = loss_weights or {}
-  model_batches = {
-    g.name: {k: v for k, v in batches[g.name].items() if k != "task_index"} for g in plan
-  }
+  model_batches = {g.name: _model_inputs(batches[g.name]) for g in plan}
   if model.config.get("pack_groups", False):  # one body pass over all groups (packing.py)
     logits, total_aux = model.apply(
       {"params": params},
@@ -219,14 +217,19 @@ def train_step(
 
 
 def init_state(rng, example_batches, *, model, tx, plan):
-  """Parameters of every modality net used by the plan (shared body params coincide)."""
-  params = {}
-  for group in plan:
-    batch = {k: v for k, v in example_batches[group.name].items() if k != "task_index"}
-    variables = model.init(
-      {"params": rng, "dropout": rng, "gating": rng}, batch, group.signature, train=False
-    )
-    params = _merge(params, variables["params"])
+  """Parameters of every modality net used by the plan, from one packed pass over all groups.
+
+  A parameter's initial value depends only on its path, so this equals initialising group by group
+  and merging (tests/test_packing.py), with one trace instead of one per group.
+  """
+  variables = model.init(
+    {"params": rng, "dropout": rng, "gating": rng},
+    {g.name: _model_inputs(example_batches[g.name]) for g in plan},
+    {g.name: g.signature for g in plan},
+    train=False,
+    method="packed",
+  )
+  params = variables["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -236,11 +239,8 @@ def init_state(rng, example_batches, *, model, tx, plan):
   )
 
 
-def _merge(a, b):
-  out = dict(a)
-  for key, value in b.items():
-    out[key] = _merge(out[key], value) if key in out and isinstance(value, dict) else value
-  return out
+def _model_inputs(batch):
+  return {k: v for k, v in batch.items() if k != "task_index"}
 
 
 def state_layout(init, example_specs, mesh, rules):
@@ -249,13 +249,25 @@ def state_layout(init, example_specs, mesh, rules):
   return abstract, shardings
 
 
-def traced_init(init, example_specs, mesh, rules):
+def init_key(config) -> jax.Array:
+  """The key the initial parameters are drawn from (config.train.init_prng_impl's generator)."""
+  return jax.random.key(config.seed, impl=init_prng_impl(config))
+
+
+def init_prng_impl(config) -> str:
+  return config.train.get("init_prng_impl", "threefry2x32")
+
+
+def traced_init(init, example_specs, mesh, rules, key_impl: str = "threefry2x32"):
   """Traces `init` once: (abstract unboxed state, its shardings, jitted init of that state).
 
-  The jitted init replays the trace (the model is not traced again) and writes every leaf
-  straight to its sharding; call it inside `sharding.activate(mesh, rules)`.
+  The jitted init takes only a key of `key_impl`: the state depends on the batch's shapes, not
+  its values, so it can run before any data is read. It replays the trace (the model is not
+  traced again) and writes every leaf straight to its sharding; call it inside
+  `sharding.activate(mesh, rules)`.
   """
-  rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the mesh may be a compile target
+  # Abstract: the mesh may be a compile target.
+  rng = jax.eval_shape(lambda: jax.random.key(0, impl=key_impl))
   with sharding.activate(mesh, rules):
     jaxpr, boxed = jax.make_jaxpr(init, return_shape=True)(rng, example_specs)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
@@ -265,10 +277,50 @@ def traced_init(init, example_specs, mesh, rules):
   treedef = jax.tree.structure(abstract)  # the boxes' leaves are their values, in this order
   replay = jaxpr_as_fun(jaxpr)
 
-  def unboxed_init(rng, batches):
-    return jax.tree.unflatten(treedef, replay(*jax.tree.leaves((rng, batches))))
+  def unboxed_init(rng):
+    # The model's forward pass in the trace only builds the params; XLA drops it with these zeros.
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in jax.tree.leaves(example_specs)]
+    return jax.tree.unflatten(treedef, replay(rng, *zeros))
 
-  return abstract, shardings, jax.jit(unboxed_init, out_shardings=shardings)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  options = RUN_ONCE_CPU_COMPILER_OPTIONS if on_cpu else None
+  return (
+    abstract,
+    shardings,
+    jax.jit(unboxed_init, out_shardings=shardings, compiler_options=options),
+  )
+
+
+# The init runs once: LLVM at -O0 without its expensive passes, and XLA's elemental emitters,
+# compile the default model's init in 9.9 instead of 15.0 CPU-s, and it still runs in 0.2 s.
+RUN_ONCE_CPU_COMPILER_OPTIONS = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+  "xla_cpu_use_fusion_emitters": False,
+}
+
+
+def step_batch_specs(config, tasks, batch_sizes: dict[str, int]):
+  """(plan, each group's batch as shapes): the step's input, known from the config alone."""
+  task_specs = {
+    name: grouping.batch_specs(pipeline.example_shapes(config, task), batch_sizes[name])
+    for name, task in tasks.items()
+  }
+  plan = grouping.plan_groups({n: t.signature for n, t in tasks.items()}, task_specs)
+  return plan, grouping.merge_specs(plan, task_specs)
+
+
+def check_batch_shapes(batches, specs, process_count: int) -> None:
+  """The pipeline's batches against the shapes the step was compiled for (a bug if they differ)."""
+  for group, batch in batches.items():
+    for key, spec in specs[group].items():
+      want = (spec.shape[0] // process_count, *spec.shape[1:])
+      got = np.shape(batch[key])
+      if got != want:
+        raise ValueError(
+          f"batch {group}/{key} has shape {got}, the compiled step expects {want} "
+          "(pipeline.example_shapes and the pipeline disagree)"
+        )
 
 
 def compile_in_background(jitted, args, mesh, rules) -> concurrent.futures.Future:
@@ -324,39 +376,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if is_chief:  # python -m mm_jax.evaluate / predict / gallery read the run's config from here
     epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  # ------------------------------------------------------------------ data
+  # ------------------------------------------------------------------ model, optimizer, shardings
   tasks = pipeline.build_tasks(config)
-  signatures = {name: task.signature for name, task in tasks.items()}
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  data_parallel = sharding.data_parallel_size(mesh)
+  batch_sizes = pipeline.task_batch_sizes(config, data_parallel)  # global
+  plan, example_specs = step_batch_specs(config, tasks, batch_sizes)
+  logging.info("task groups: %s", [(g.name, g.tasks) for g in plan])
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_specs)
+  init = functools.partial(init_state, model=model, tx=tx, plan=plan)
+  abstract_state, state_shardings, jit_init = traced_init(
+    init, example_specs, mesh, rules, init_prng_impl(config)
+  )
+
+  # The step's shapes follow from the config, so it compiles on a worker thread (XLA releases the
+  # GIL) while the data is read and the state restored or initialised.
+  rng = jax.random.key(config.seed)
+  jit_step = jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
+  step_compile = compile_in_background(jit_step, (abstract_state, example_specs, rng), mesh, rules)
+
+  # ------------------------------------------------------------------ data
   pipeline.ensure_prepared(config)
-  data_parallel = mesh.shape["data"] * mesh.shape["expert"]
   train_iter = pipeline.TrainIterator(
     config,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     data_parallel=data_parallel,
   )
-
-  # ------------------------------------------------------------------ model, optimizer, shardings
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
-  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-  first = next(train_iter)  # its shapes fix the compiled step; it is also the first batch
-  plan = grouping.plan_groups(signatures, first)
-  example = grouping.merge_batches(plan, first)
-  logging.info("task groups: %s", [(g.name, g.tasks) for g in plan])
-  example_specs = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype),
-    example,
-  )
-  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), example_specs)
-  init = functools.partial(init_state, model=model, tx=tx, plan=plan)
-  abstract_state, state_shardings, jit_init = traced_init(init, example_specs, mesh, rules)
-
-  # The step compiles on a worker thread while the state is restored or initialised (XLA releases
-  # the GIL). Alone, that took traced init -> ready step from 97 to 72 s on 2 cores; in the full
-  # default run (tf.data filling its buffers on the same cores) no gain showed yet.
-  rng = jax.random.key(config.seed)
-  jit_step = jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
-  step_compile = compile_in_background(jit_step, (abstract_state, example_specs, rng), mesh, rules)
+  first = next(train_iter)  # also the first step's batch
+  check_batch_shapes(grouping.merge_batches(plan, first), example_specs, jax.process_count())
+  logging.info("first batch read")
 
   # ------------------------------------------------------------------ checkpoint: resume or init
   ckpt = checkpointing.Checkpointer(
@@ -367,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   )
   if restored is None:
     with sharding.activate(mesh, rules):
-      state = jit_init(rng, sharding.global_batch(example, mesh))
+      state = jit_init(init_key(config))
     start_step, pending = 0, first
   else:
     start_step, state, data_state = restored

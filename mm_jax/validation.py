@@ -125,6 +125,11 @@ def _validate_train(t):
     0.0 <= t.label_smoothing < 1.0,
     f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
   )
+  impls = ("threefry2x32", "rbg", "unsafe_rbg")
+  _require(
+    t.get("init_prng_impl", "threefry2x32") in impls,
+    f"config.train.init_prng_impl={t.get('init_prng_impl')!r}: use one of {impls}",
+  )
   inject = t.get("inject_nonfinite_steps", ())
   _require(
     isinstance(inject, tuple | list)

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
 
-from mm_jax import aot  # noqa: E402
+from mm_jax import aot, grouping  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
 
 # Hand-written post-optimisation HLO: an async all-reduce of 2 arrays, an all-gather-start whose
@@ -43,7 +43,7 @@ def test_batch_specs_match_what_the_pipeline_yields(tiny_data_dir):
   batch = next(pipeline.TrainIterator(config, data_parallel=8))
   sizes = pipeline.task_batch_sizes(config, 8)
   for name, task in pipeline.build_tasks(config).items():
-    specs = aot.task_batch_specs(config, task, sizes[name])
+    specs = grouping.batch_specs(pipeline.example_shapes(config, task), sizes[name])
     real = {k: (v.shape, v.dtype) for k, v in batch[name].items()}
     assert {k: (s.shape, s.dtype) for k, s in specs.items()} == real, name
 

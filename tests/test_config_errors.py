@@ -65,6 +65,7 @@ CASES = {
   "zero_steps": ({"train.num_steps": 0}, "config.train.num_steps"),
   "zero_log_every": ({"train.log_every": 0}, "config.train.log_every"),
   "smoothing_one": ({"train.label_smoothing": 1.0}, "config.train.label_smoothing"),
+  "unknown_init_prng": ({"train.init_prng_impl": "mt19937"}, "config.train.init_prng_impl"),
   "negative_loss_weight": (
     {"train.loss_weights.translate_en_de": -1.0},
     "config.train.loss_weights.translate_en_de",

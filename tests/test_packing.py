@@ -1,13 +1,19 @@
 """Packed task groups (mm_jax/models/packing.py): one body pass equals one pass per group."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from test_model import SIGNATURES, depthwise_reference, init, jit, make_batches, tiny_model
 
-from mm_jax import sharding
+from configs.multimodel import get_config
+from mm_jax import optimizer, sharding, train
+from mm_jax.data import pipeline
 from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel
 from mm_jax.models.packing import Packing
@@ -126,3 +132,37 @@ def test_packed_sharded_matches_unsharded(devices):
     got = jit(apply, in_shardings=(None, batch_shardings))(variables, batches)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_one_packed_init_equals_each_group_initialised_alone(devices):
+  """train.init_state builds every param in one packed pass; per-group init, merged, is the
+  reference (a param's value depends on its path only). No data is read: shapes from the config."""
+  config = get_config("tiny")
+  tasks = pipeline.build_tasks(config)
+  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 2))
+  assert len(plan) == 4, [g.name for g in plan]  # every modality net and the decoder
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1}, devices[:1])
+  rules = sharding.config_rules(config)
+  _, _, jit_init = train.traced_init(init, specs, mesh, rules)
+  with sharding.activate(mesh, rules):
+    got = jit_init(jax.random.key(5)).params
+
+  def group_init(rng, group):
+    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in specs[group.name].items()}
+    del zeros["task_index"]
+    return nn.unbox(model.init(rng, zeros, group.signature, train=False)["params"])
+
+  want = {}
+  group_init = jax.jit(group_init, static_argnums=1)
+  for group in plan:
+    for path, value in flatten_dict(group_init(jax.random.key(5), group)).items():
+      if path in want:  # the shared body: the same value from every group
+        np.testing.assert_array_equal(value, want[path], err_msg=str(path))
+      want[path] = value
+  got = flatten_dict(got)
+  assert sorted(got) == sorted(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=str(path))
