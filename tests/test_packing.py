@@ -166,3 +166,28 @@ def test_one_packed_init_equals_each_group_initialised_alone(devices):
   assert sorted(got) == sorted(want)
   for path, value in want.items():
     np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+
+
+def test_rbg_init_is_the_same_on_any_mesh(devices):
+  """config.train.init_prng_impl="rbg": every device draws each whole array and keeps its shard,
+  so a sharded init equals the one-device init (threefry's is covered by test_train.py's runs)."""
+  config = get_config("tiny,tasks=translate_en_de")
+  config.train.init_prng_impl = "rbg"
+  tasks = pipeline.build_tasks(config)
+  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 8))
+  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
+  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  rules = sharding.config_rules(config)
+  params = []
+  one_device, split = {"data": 1, "expert": 1, "model": 1}, {"data": 2, "expert": 2, "model": 2}
+  for shape, devs in ((one_device, devices[:1]), (split, devices)):
+    mesh = sharding.make_mesh(shape, devs)
+    _, shardings, jit_init = train.traced_init(init, specs, mesh, rules, "rbg")
+    with sharding.activate(mesh, rules):
+      params.append(flatten_dict(jit_init(train.init_key(config)).params))
+  assert any(
+    len(s.device_set) > 1 and not s.is_fully_replicated for s in jax.tree.leaves(shardings)
+  )
+  for path, value in params[0].items():
+    np.testing.assert_array_equal(np.asarray(params[1][path]), np.asarray(value), err_msg=str(path))
