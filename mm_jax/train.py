@@ -255,7 +255,7 @@ def init_key(config) -> jax.Array:
 
 
 def init_prng_impl(config) -> str:
-  return config.train.get("init_prng_impl", "threefry2x32")
+  return config.train.get("init_prng_impl", validation.INIT_PRNG_IMPLS[0])
 
 
 # The init runs once: LLVM at -O0 without its expensive passes, and XLA's elemental emitters,
@@ -268,7 +268,7 @@ RUN_ONCE_CPU_COMPILER_OPTIONS = {
 }
 
 
-def traced_init(init, example_specs, mesh, rules, key_impl: str = "threefry2x32"):
+def traced_init(init, example_specs, mesh, rules, key_impl: str = validation.INIT_PRNG_IMPLS[0]):
   """Traces `init` once: (abstract unboxed state, its shardings, jitted init of that state).
 
   The jitted init takes only a key of `key_impl`: the state depends on the batch's shapes, not
@@ -405,8 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     process_count=jax.process_count(),
     data_parallel=data_parallel,
   )
-  first = next(train_iter)  # also the first step's batch
-  check_batch_shapes(grouping.merge_batches(plan, first), example_specs, jax.process_count())
+  first = grouping.merge_batches(plan, next(train_iter))  # also the first step's batch
+  check_batch_shapes(first, example_specs, jax.process_count())
   logging.info("first batch read")
 
   # ------------------------------------------------------------------ checkpoint: resume or init
@@ -453,10 +453,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt.directory}")
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         if config.train.fixed_batch:
-          task_batches = first
+          merged = first
+        elif pending is not None:
+          merged, pending = pending, None
         else:
-          task_batches, pending = (pending if pending is not None else next(train_iter)), None
-        batches = sharding.global_batch(grouping.merge_batches(plan, task_batches), mesh)
+          merged = grouping.merge_batches(plan, next(train_iter))
+        batches = sharding.global_batch(merged, mesh)
         state, metrics = compiled_step(state, batches, rng)
       step += 1
       if step == start_step + 1:  # waits for it: dispatch returns before the step has run

@@ -12,6 +12,8 @@ from mm_jax import sharding
 from mm_jax.sharding import ConfigError
 
 _DTYPES = ("float32", "bfloat16")
+# Generators config.train.init_prng_impl may name; the first is the default.
+INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 def _require(condition: bool, message: str):
@@ -125,10 +127,9 @@ def _validate_train(t):
     0.0 <= t.label_smoothing < 1.0,
     f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
   )
-  impls = ("threefry2x32", "rbg", "unsafe_rbg")
   _require(
-    t.get("init_prng_impl", "threefry2x32") in impls,
-    f"config.train.init_prng_impl={t.get('init_prng_impl')!r}: use one of {impls}",
+    t.get("init_prng_impl", INIT_PRNG_IMPLS[0]) in INIT_PRNG_IMPLS,
+    f"config.train.init_prng_impl={t.get('init_prng_impl')!r}: use one of {INIT_PRNG_IMPLS}",
   )
   inject = t.get("inject_nonfinite_steps", ())
   _require(
