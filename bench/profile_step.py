@@ -38,9 +38,8 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 
 # Kernel kinds, by what XLA:CPU does with the instruction. The first whose test matches wins.
-LIBRARY = "YNNPACK library call (dots, convs, some reductions)"
 KINDS = (
-  (LIBRARY, lambda name, line: "__ynn_fusion" in line),
+  ("YNNPACK library call (dots, convs, reductions)", lambda name, line: "__ynn_fusion" in line),
   ("dot or conv (XLA's own)", lambda name, line: re.search(r" (dot|convolution)\(", line)),
   ("copy or transpose", lambda name, line: "copy" in name or "transpose" in name),
   ("pad, slice, concatenate", lambda name, line: re.search("pad|slice|concatenate", name)),
