@@ -38,6 +38,8 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 
 # Kernel kinds, by what XLA:CPU does with the instruction. The first whose test matches wins.
+# XLA names a fusion after its root ops, so a loop fusion that ends in a transposing copy (the
+# LayerNorm gradients the pointwise convs' weight gradients want transposed) counts as a copy.
 KINDS = (
   ("YNNPACK library call (dots, convs, reductions)", lambda name, line: "__ynn_fusion" in line),
   ("dot or conv (XLA's own)", lambda name, line: re.search(r" (dot|convolution)\(", line)),
