@@ -71,6 +71,7 @@ class Kernel:
   seconds: float  # per traced step, summed over threads
   shape: str  # its result
   op_name: str  # the jax op it came from, with the module path
+  kind: str  # one of KINDS
 
 
 def instruction_lines(hlo_text: str) -> dict[str, str]:
@@ -103,14 +104,14 @@ def kernels(hlo_text: str, totals: collections.Counter, steps: int) -> list[Kern
     if line is None:
       continue  # python frames, executor spans: not kernels of this program
     op_name = re.search(r'op_name="([^"]*)"', line)
-    found.append(
-      Kernel(name, seconds / steps, line.split(" ", 1)[0], op_name.group(1) if op_name else "")
-    )
+    shape = line.split(" ", 1)[0]
+    op = op_name.group(1) if op_name else ""
+    found.append(Kernel(name, seconds / steps, shape, op, kind(name, line)))
   return sorted(found, key=lambda k: -k.seconds)
 
 
-def kind(kernel: Kernel, hlo_line: str) -> str:
-  base = re.sub(r"\.\d+$", "", kernel.name)
+def kind(name: str, hlo_line: str) -> str:
+  base = re.sub(r"\.\d+$", "", name)
   return next(label for label, test in KINDS if test(base, hlo_line))
 
 
@@ -121,22 +122,22 @@ def part(op_name: str) -> tuple[str, str]:
   return label, direction
 
 
-def profile(run_steps, hlo_text: str, steps: int) -> tuple[list[Kernel], dict[str, str]]:
+def profile(run_steps, hlo_text: str, steps: int) -> list[Kernel]:
   """Traces `run_steps(steps)`, which runs the program compiled to `hlo_text` `steps` times (and
-  blocks until done): the program's kernels and the HLO line of each instruction."""
+  blocks until done): the program's kernels."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       run_steps(steps)
     totals = traced_seconds(trace_dir)
-  return kernels(hlo_text, totals, steps), instruction_lines(hlo_text)
+  return kernels(hlo_text, totals, steps)
 
 
-def tables(found: list[Kernel], lines: dict[str, str], top: int) -> str:
+def tables(found: list[Kernel], top: int) -> str:
   total = sum(k.seconds for k in found)
   by_kind = collections.Counter()
   by_part = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
   for k in found:
-    by_kind[kind(k, lines[k.name])] += k.seconds
+    by_kind[k.kind] += k.seconds
     label, direction = part(k.op_name)
     by_part[label][direction] += k.seconds
   out = [f"{'kernel kind':<52}{'ms/step':>9}{'share':>8}"]
@@ -163,12 +164,12 @@ def main(argv):
   trainer = train_bench.start_trainer(config)
   step_times = train_bench.step_seconds(trainer, FLAGS.timed_steps)
   run_steps = functools.partial(train_bench.step_seconds, trainer)  # the state is donated
-  found, lines = profile(run_steps, trainer.step.as_text(), FLAGS.steps)
+  found = profile(run_steps, trainer.step.as_text(), FLAGS.steps)
   kernel_time = sum(k.seconds for k in found)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}")
   print(f"step, not profiled: median {statistics.median(step_times):.3f} s of {len(step_times)}")
   print(f"kernel time per profiled step (all threads): {kernel_time:.3f} s, {len(found)} kernels\n")
-  print(tables(found, lines, FLAGS.top))
+  print(tables(found, FLAGS.top))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The generator that draws the initial parameters. "rbg" (XLA's RngBitGenerator) compiles the
   # default model's init in half the CPU time (13 vs 26 CPU-s at -O3), but every device draws
   # each whole array and keeps its shard, and its different draw ended the one default run tried
-  # with speech WER 40.05 (27.99 with threefry): kept off until more seeds are compared.
+  # with speech WER 40.05 (28.96 with threefry): kept off until more seeds are compared.
   t.init_prng_impl = "threefry2x32"
   # Multiplies each task's per-token loss in the summed objective (the batch share is
   # data.weights): how hard the shared parameters are pulled towards each task.

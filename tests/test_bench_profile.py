@@ -28,7 +28,8 @@ def test_a_profiled_function_is_charged_to_its_own_kernels():
     for _ in range(n):
       jax.block_until_ready(compiled(w, x))
 
-  found, lines = profile_step.profile(run_steps, compiled.as_text(), steps=2)
+  found = profile_step.profile(run_steps, compiled.as_text(), steps=2)
+  lines = profile_step.instruction_lines(compiled.as_text())
 
   assert found, "no kernel of the program was found in its profile"
   names = [k.name for k in found]
@@ -38,7 +39,7 @@ def test_a_profiled_function_is_charged_to_its_own_kernels():
   assert all(k.seconds > 0 for k in found)
   # The matmuls (forward and backward) are in the profile, whichever library runs them.
   assert any("dot_general" in k.op_name for k in found)
-  report = profile_step.tables(found, lines, top=3)
+  report = profile_step.tables(found, top=3)
   shares = [
     float(line.rsplit(None, 1)[1].rstrip("%")) for line in report.split("\n\n")[0].split("\n")[1:]
   ]
