@@ -3,8 +3,12 @@
 A step directory is only visible to `all_steps()` once orbax has finished writing it (it writes to
 a temporary name and renames), so a kill mid-save never replaces the last good checkpoint. A
 checkpoint that exists but cannot be read (truncated file, disk fault) is skipped with a warning
-and the previous one is restored instead. A save that fails (full disk, lost permissions) ends the
-run with a one-line `CheckpointWriteError` instead of a traceback from orbax's threads.
+and the previous one is restored instead. A readable checkpoint whose state has other leaves or
+shapes than the config's (another model or optimizer) is a `ConfigError`, raised before anything
+is restored or compiled: falling back past it would start afresh in its directory, where new
+saves skip its step numbers and keep-N later deletes its steps. A save that fails (full disk, lost
+permissions) ends the run with a one-line `CheckpointWriteError` instead of a traceback from
+orbax's threads.
 
 The data iterator's position differs per process (its own shard and counters) while orbax writes
 JSON from process 0 only, so every process's position is gathered and saved as one list.
@@ -69,6 +73,29 @@ def _gather_per_process(data_state) -> list:
   return [json.loads(bytes(b[: int(n)]).decode()) for b, n in zip(blobs, lengths.ravel())]
 
 
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """Each leaf's shape by its path as orbax names it ("opt_state.1.0.mu.encoder.ffn.w_in"); the
+  same for a state, its abstract shapes and a checkpoint's array metadata."""
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    shapes[".".join(map(str, keys))] = tuple(leaf.shape)
+  return shapes
+
+
+def shape_difference(stored: dict, wanted: dict) -> str | None:
+  """The first way a checkpoint's leaf shapes differ from the wanted ones, in words (or None);
+  parameters first, as their names say most about the model."""
+  for name in sorted(stored.keys() | wanted.keys(), key=lambda n: (not n.startswith("params."), n)):
+    if name not in wanted:
+      return f"it has {name}, which this config's state lacks"
+    if name not in stored:
+      return f"it lacks {name}"
+    if stored[name] != wanted[name]:
+      return f"{name} has shape {stored[name]}, this config's {wanted[name]}"
+  return None
+
+
 def _own_state(saved, step: int):
   if "per_process" not in saved:  # written before positions were kept per process
     return saved
@@ -91,10 +118,13 @@ class Checkpointer:
     _use_array_handler()
     self.manager = ocp.CheckpointManager(
       self.directory,
+      # Not created here but by the first save (_check_writable): a run that stops before it,
+      # on a bad config or missing data, leaves no checkpoint directory behind.
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        max_to_keep=keep, create=False, enable_async_checkpointing=async_save
       ),
-      item_names=("state", "data"),
+      # Handlers, not only item names: item_metadata can then read a step's shapes.
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
     )
 
   def save(self, step: int, state, data_state, force: bool = False) -> bool:
@@ -121,8 +151,37 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def _stored_shapes(self, step: int) -> dict | None:
+    """The step's state leaf shapes from its metadata, or None where that cannot be read."""
+    try:
+      return leaf_shapes(self.manager.item_metadata(step)["state"])
+    except Exception as error:  # noqa: BLE001 - unreadable: restore_latest falls back past it
+      logging.warning("checkpoint at step %d: no readable metadata (%s)", step, _one_line(error))
+      return None
+
+  def check_matches(self, abstract_state):
+    """Raises ConfigError if the newest checkpoint with readable metadata holds a state of other
+    leaves or shapes than `abstract_state` (cheap: no array is read). Call it before compiling."""
+    wanted = leaf_shapes(abstract_state)
+    for step in reversed(self.steps()):
+      stored = self._stored_shapes(step)
+      if stored is None:
+        continue
+      difference = shape_difference(stored, wanted)
+      if difference is not None:
+        raise ConfigError(
+          f"{self.directory} holds step {step} of another model or optimizer ({difference}): "
+          "resume with the config that wrote it, or give this config its own --workdir"
+        )
+      return
+
   def restore_latest(self, abstract_state):
-    """Returns (step, state, data_state) from the newest readable checkpoint, or None."""
+    """Returns (step, state, data_state) from the newest readable checkpoint, or None.
+
+    With `abstract_state` (not None), a checkpoint of other shapes is a ConfigError
+    (check_matches), not an unreadable one to fall back past."""
+    if abstract_state is not None:
+      self.check_matches(abstract_state)
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(

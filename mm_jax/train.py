@@ -391,6 +391,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     init, example_specs, mesh, rules, init_prng_impl(config)
   )
 
+  # A workdir holding another model's checkpoints is a config error, found before compiling.
+  ckpt = checkpointing.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+  )
+  ckpt.check_matches(abstract_state)
+
   # The step's shapes follow from the config, so it compiles on a worker thread (XLA releases the
   # GIL) while the data is read and the state restored or initialised.
   rng = jax.random.key(config.seed)
@@ -410,9 +416,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   logging.info("first batch read")
 
   # ------------------------------------------------------------------ checkpoint: resume or init
-  ckpt = checkpointing.Checkpointer(
-    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-  )
   restored = ckpt.restore_latest(
     checkpointing.abstract_with_shardings(abstract_state, state_shardings)
   )

@@ -25,6 +25,7 @@ import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
 
 from mm_jax import checkpointing, train  # noqa: E402
+from mm_jax.sharding import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "image_classification"  # one small task: these tests are about the loop, not the tasks
@@ -70,9 +71,8 @@ def _tensor(event):
   return tensor_util.make_ndarray(event.tensor_proto)
 
 
-@pytest.fixture(scope="module")
-def nonfinite_run(data_dir, tmp_path_factory):
-  """A fixed-batch run on one device with NaN gradients injected; returns (workdir, error)."""
+def nonfinite_config(data_dir):
+  """A fixed-batch run on one device with NaN gradients injected."""
   config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={TASK}"))
   config.data.data_dir = data_dir
   config.mesh.data = 1
@@ -87,6 +87,13 @@ def nonfinite_run(data_dir, tmp_path_factory):
     inject_nonfinite_steps=INJECTED,
     max_consecutive_nonfinite=LIMIT,
   )
+  return config
+
+
+@pytest.fixture(scope="module")
+def nonfinite_run(data_dir, tmp_path_factory):
+  """nonfinite_config's run; returns (workdir, error)."""
+  config = nonfinite_config(data_dir)
   workdir = str(tmp_path_factory.mktemp("nonfinite"))
   with pytest.raises(train.NonFiniteError) as info:
     train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
@@ -130,6 +137,68 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(nonfinite_run, tm
   assert step == 2 and int(state["step"]) == 2
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any("step 4" in w and "unreadable" in w for w in warnings), warnings
+
+
+def _files(directory):
+  """Every file under `directory` with its size and modification time."""
+  return {
+    path: (os.path.getsize(path), os.path.getmtime(path))
+    for path in glob.glob(os.path.join(directory, "**"), recursive=True)
+    if os.path.isfile(path)
+  }
+
+
+@pytest.mark.slow
+def test_a_workdir_of_another_model_is_a_config_error_and_keeps_its_checkpoints(
+  nonfinite_run, data_dir, tmp_path
+):
+  """Treated as unreadable, another model's checkpoints were passed over: the run started afresh
+  in their directory, and keep-N would have deleted them. Now it stops before compiling."""
+  directory = str(tmp_path / "work" / "checkpoints")
+  shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
+  before = _files(directory)
+  config = nonfinite_config(data_dir)
+  config.model.d = 48  # the run that wrote them had d=32
+  with pytest.raises(ConfigError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "work"), devices=jax.devices()[:1])
+  message = str(info.value)
+  assert "\n" not in message and "step 4" in message and "--workdir" in message, message
+  assert re.search(r"params\.\S+ has shape \([\d, ]+\), this config's \([\d, ]+\)", message), (
+    message
+  )
+  assert _files(directory) == before
+
+
+def test_restoring_other_shapes_is_a_config_error_naming_the_leaf(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2)
+  ckpt.save(1, {"params": {"w": jnp.arange(6.0)}, "step": jnp.int32(1)}, {"batches": {}})
+  ckpt.wait()
+  wanted = {"params": {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}, "step": jnp.int32(0)}
+  with pytest.raises(
+    ConfigError, match=r"step 1 .*params\.w has shape \(6,\), this config's \(5,\)"
+  ):
+    ckpt.restore_latest(wanted)
+  wanted["params"]["w"] = jax.ShapeDtypeStruct((6,), jnp.float32)
+  step, state, _ = ckpt.restore_latest(wanted)
+  ckpt.close()
+  assert step == 1 and np.array_equal(state["params"]["w"], np.arange(6.0))
+
+
+def test_shape_difference_names_what_differs():
+  stored = {"params.b": (2,), "params.w": (3, 4), "step": ()}
+  assert checkpointing.shape_difference(stored, dict(stored)) is None
+  assert checkpointing.shape_difference(stored, {**stored, "params.w": (3, 5)}) == (
+    "params.w has shape (3, 4), this config's (3, 5)"
+  )
+  assert checkpointing.shape_difference(stored, {**stored, "params.v": (1,)}) == "it lacks params.v"
+  fewer = {k: v for k, v in stored.items() if k != "params.b"}
+  assert checkpointing.shape_difference(stored, fewer) == (
+    "it has params.b, which this config's state lacks"
+  )
+  # Parameters are named before optimizer state: their names say which part of the model differs.
+  assert checkpointing.shape_difference(
+    {"opt_state.mu.w": (3,), "params.w": (3,)}, {"opt_state.mu.w": (4,), "params.w": (4,)}
+  ).startswith("params.w")
 
 
 def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
@@ -258,8 +327,10 @@ def _run_until(command, env, at_step, sig):
 
 
 def _saved_steps(workdir):
-  """Finalized checkpoints only (orbax renames a step's directory to its number when done)."""
-  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  """Finalized checkpoints only (orbax renames a step's directory to its number when done). A
+  run killed before its first save leaves no checkpoint directory."""
+  directory = os.path.join(workdir, "checkpoints")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
   return sorted(int(n) for n in names if n.isdigit())
 
 
