@@ -175,6 +175,18 @@ class Checkpointer:
         )
       return
 
+  def newest_data_state(self):
+    """This process's data position in the newest checkpoint (its JSON alone, no array is read),
+    or None: no checkpoint, or one that cannot be read (restore_latest falls back past it)."""
+    steps = self.steps()
+    if not steps:
+      return None
+    try:
+      saved = self.manager.restore(steps[-1], args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    except Exception:  # noqa: BLE001 - unreadable: restore_latest warns and falls back
+      return None
+    return _own_state(saved["data"], steps[-1])
+
   def restore_latest(self, abstract_state):
     """Returns (step, state, data_state) from the newest readable checkpoint, or None.
 

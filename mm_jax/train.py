@@ -391,11 +391,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     init, example_specs, mesh, rules, init_prng_impl(config)
   )
 
-  # A workdir holding another model's checkpoints is a config error, found before compiling.
+  # Checkpoints this config cannot continue (another model, other data settings) are a config
+  # error, found before compiling; they stay as they are.
   ckpt = checkpointing.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
   )
   ckpt.check_matches(abstract_state)
+  train_iter = pipeline.TrainIterator(
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    data_parallel=data_parallel,
+  )
+  saved_position = ckpt.newest_data_state()
+  if saved_position is not None:
+    train_iter.check_state(saved_position)
 
   # The step's shapes follow from the config, so it compiles on a worker thread (XLA releases the
   # GIL) while the data is read and the state restored or initialised.
@@ -405,12 +415,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   # ------------------------------------------------------------------ data
   pipeline.ensure_prepared(config)
-  train_iter = pipeline.TrainIterator(
-    config,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    data_parallel=data_parallel,
-  )
   first = grouping.merge_batches(plan, next(train_iter))  # also the first step's batch
   check_batch_shapes(first, example_specs, jax.process_count())
   logging.info("first batch read")

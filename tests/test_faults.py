@@ -148,24 +148,41 @@ def _files(directory):
   }
 
 
+# A config change the checkpoints cannot follow -> what the one-line error must say.
+CHANGED = {
+  "model": (
+    lambda config: config.model.update(d=48),  # the run that wrote them had d=32
+    r"step 4 of another model .*params\.\S+ has shape \([\d, ]+\), this config's \([\d, ]+\)",
+  ),
+  "data": (
+    lambda config: config.data.update(seed=1),
+    r"data position was saved with other data settings \(config\.data\.seed: 0 then, 1 now\)",
+  ),
+}
+
+
 @pytest.mark.slow
-def test_a_workdir_of_another_model_is_a_config_error_and_keeps_its_checkpoints(
-  nonfinite_run, data_dir, tmp_path
+@pytest.mark.parametrize("changed", sorted(CHANGED))
+def test_checkpoints_another_config_cannot_continue_are_a_config_error_and_stay(
+  changed, nonfinite_run, data_dir, tmp_path, monkeypatch
 ):
-  """Treated as unreadable, another model's checkpoints were passed over: the run started afresh
-  in their directory, and keep-N would have deleted them. Now it stops before compiling."""
+  """Another model's checkpoints were passed over as unreadable: the run started afresh in
+  their directory, and keep-N would have deleted them. Other data settings failed after the
+  compile, with a traceback. Both now stop before compiling, with one line."""
   directory = str(tmp_path / "work" / "checkpoints")
   shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
   before = _files(directory)
   config = nonfinite_config(data_dir)
-  config.model.d = 48  # the run that wrote them had d=32
+  change, expected = CHANGED[changed]
+  change(config)
+  compiles = []
+  monkeypatch.setattr(train, "compile_in_background", lambda *args: compiles.append(args))
   with pytest.raises(ConfigError) as info:
     train.train_and_evaluate(config, str(tmp_path / "work"), devices=jax.devices()[:1])
   message = str(info.value)
-  assert "\n" not in message and "step 4" in message and "--workdir" in message, message
-  assert re.search(r"params\.\S+ has shape \([\d, ]+\), this config's \([\d, ]+\)", message), (
-    message
-  )
+  assert "\n" not in message and "--workdir" in message, message
+  assert re.search(expected, message), message
+  assert compiles == []  # the step's compile had not started
   assert _files(directory) == before
 
 

@@ -263,8 +263,15 @@ def test_restored_iterator_gives_the_identical_next_batches(tmp_path, tok):
     expected[0]["translate_en_fr"]["inputs"], expected[1]["translate_en_fr"]["inputs"]
   )
   config.data.seed = 1
-  with pytest.raises(ValueError, match="different data config"):
+  with pytest.raises(ConfigError, match=r"\(config\.data\.seed: 0 then, 1 now\)"):
     pipeline.TrainIterator(config, data_parallel=8, tokenizer=tok).set_state(state)
+  config.data.seed = 0
+  half = pipeline.TrainIterator(config, 0, 2, data_parallel=8, tokenizer=tok)  # 2 processes
+  with pytest.raises(ConfigError, match=r"local batch size\.image_classification: 8 then, 4 now"):
+    half.set_state(state)
+  del state["layout"]  # written before the settings were recorded: not named, still refused
+  with pytest.raises(ConfigError, match="not recorded in this checkpoint"):
+    half.set_state(state)
 
 
 # --- the embedded mixture, tiny build ---------------------------------------------------------

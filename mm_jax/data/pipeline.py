@@ -483,6 +483,17 @@ def eval_dataset(
 # --- the public iterators -------------------------------------------------------------------
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{"data": {"seed": 0}} -> {"data.seed": 0}: settings by their dotted names."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def _split_stats(batch: dict) -> tuple[dict, dict]:
   stats = batch.pop("_stats")
   return batch, dict(zip(STATS, (int(x) for x in stats[-1]), strict=True))
@@ -547,27 +558,48 @@ class TrainIterator:
     """Per task: records seen, kept, and dropped (errors/empty/too_long) or truncated so far."""
     return {name: dict(c) for name, c in self._counters.items()}
 
+  def _data_settings(self) -> dict:
+    return {k: v for k, v in self.config.data.to_dict().items() if k != "data_dir"}
+
   def _fingerprint(self) -> str:
-    data = {k: v for k, v in self.config.data.to_dict().items() if k != "data_dir"}
-    blob = json.dumps([data, self.batch_sizes, self.process_index, self.process_count], default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    settings = [self._data_settings(), self.batch_sizes, self.process_index, self.process_count]
+    return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+
+  def _layout(self) -> dict:
+    """What a saved position depends on, by name: the data config (not where the data lives),
+    each task's batch size here, and which process of how many reads."""
+    layout = {"config.data": self._data_settings(), "local batch size": self.batch_sizes}
+    layout["process (index, count)"] = [self.process_index, self.process_count]
+    return json.loads(json.dumps(layout, default=str))
 
   def get_state(self) -> dict:
     return {
       "version": 1,
       "fingerprint": self._fingerprint(),
+      "layout": self._layout(),  # names what changed when a resume does not match
       "batches": dict(self._consumed),
       "counters": self.counters(),
     }
 
+  def check_state(self, state: dict) -> None:
+    """Raises ConfigError (one line) unless this iterator can continue from `state`: the same
+    data config, batch sizes and process layout. A position in other batches is no position."""
+    if state.get("fingerprint") == self._fingerprint() and set(state["batches"]) == set(self.tasks):
+      return
+    saved, here = _flatten(state.get("layout", {})), _flatten(self._layout())
+    changed = [k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)]
+    named = (
+      ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
+      if saved
+      else "data config, batch sizes or process layout (not recorded in this checkpoint)"
+    )
+    raise sharding.ConfigError(
+      f"the checkpoint's data position was saved with other data settings ({named}): resume "
+      "with the config.data, mesh and process count that wrote it, or use a new --workdir"
+    )
+
   def set_state(self, state: dict) -> None:
-    if state.get("fingerprint") != self._fingerprint():
-      raise ValueError(
-        "data iterator state was saved with a different data config, batch sizes or process "
-        "layout: resume with the same config.data and mesh, or start the data afresh"
-      )
-    if set(state["batches"]) != set(self.tasks):
-      raise ValueError(f"data iterator state has tasks {sorted(state['batches'])}")
+    self.check_state(state)
     self._consumed = {name: int(n) for name, n in state["batches"].items()}
     self._counters = {name: dict(c) for name, c in state.get("counters", {}).items()}
     self._iterators = None
