@@ -371,11 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.config_rules(config)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  writer.write_hparams(_flat_hparams(config))
-  if is_chief:  # python -m mm_jax.evaluate / predict / gallery read the run's config from here
-    epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ------------------------------------------------------------------ model, optimizer, shardings
   tasks = pipeline.build_tasks(config)
@@ -406,6 +401,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   saved_position = ckpt.newest_data_state()
   if saved_position is not None:
     train_iter.check_state(saved_position)
+  # Only now: a run stopped above must not replace the config its workdir's checkpoints came from.
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer.write_hparams(_flat_hparams(config))
+  if is_chief:  # python -m mm_jax.evaluate / predict / gallery read the run's config from here
+    epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # The step's shapes follow from the config, so it compiles on a worker thread (XLA releases the
   # GIL) while the data is read and the state restored or initialised.

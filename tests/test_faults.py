@@ -168,22 +168,24 @@ def test_checkpoints_another_config_cannot_continue_are_a_config_error_and_stay(
 ):
   """Another model's checkpoints were passed over as unreadable: the run started afresh in
   their directory, and keep-N would have deleted them. Other data settings failed after the
-  compile, with a traceback. Both now stop before compiling, with one line."""
-  directory = str(tmp_path / "work" / "checkpoints")
-  shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
-  before = _files(directory)
+  compile, with a traceback. Both replaced the workdir's config.json first. Now both stop before
+  compiling, with one line, and leave the workdir as it was."""
+  workdir = str(tmp_path / "work")
+  shutil.copytree(nonfinite_run[0], workdir)  # checkpoints, config.json, event files
+  before = _files(workdir)
   config = nonfinite_config(data_dir)
   change, expected = CHANGED[changed]
   change(config)
   compiles = []
   monkeypatch.setattr(train, "compile_in_background", lambda *args: compiles.append(args))
   with pytest.raises(ConfigError) as info:
-    train.train_and_evaluate(config, str(tmp_path / "work"), devices=jax.devices()[:1])
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   message = str(info.value)
   assert "\n" not in message and "--workdir" in message, message
   assert re.search(expected, message), message
   assert compiles == []  # the step's compile had not started
-  assert _files(directory) == before
+  # Nothing written: the config.json that predict and evaluate read still describes them.
+  assert _files(workdir) == before
 
 
 def test_restoring_other_shapes_is_a_config_error_naming_the_leaf(tmp_path):
