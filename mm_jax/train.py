@@ -409,10 +409,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # The step's shapes follow from the config, so it compiles on a worker thread (XLA releases the
-  # GIL) while the data is read and the state restored or initialised.
+  # GIL) while the data is read and the state restored or initialised. A run resumed at its end
+  # (the command rerun after it finished) only evaluates: no step to compile.
+  num_steps = config.train.num_steps
   rng = jax.random.key(config.seed)
   jit_step = jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
-  step_compile = compile_in_background(jit_step, (abstract_state, example_specs, rng), mesh, rules)
+  step_args = (abstract_state, example_specs, rng)
+  saved_steps = ckpt.steps()
+  finished = bool(saved_steps) and saved_steps[-1] >= num_steps
+  step_compile = None if finished else compile_in_background(jit_step, step_args, mesh, rules)
 
   # ------------------------------------------------------------------ data
   pipeline.ensure_prepared(config)
@@ -437,14 +442,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   logging.info("parameters: %s", f"{num_params:,}")
 
   # ------------------------------------------------------------------ the step
-  compiled_step, compile_seconds = step_compile.result()
-  memory.release_freed_memory()  # the compiler's scratch: GBs that malloc would keep
-  logging.info("train step compiled in %.1f s", compile_seconds)
+  if start_step < num_steps:  # (fell back past a finished checkpoint: compile after all)
+    step_compile = step_compile or compile_in_background(jit_step, step_args, mesh, rules)
+    compiled_step, compile_seconds = step_compile.result()
+    memory.release_freed_memory()  # the compiler's scratch: GBs that malloc would keep
+    logging.info("train step compiled in %.1f s", compile_seconds)
+  else:
+    logging.info(
+      "step %d reaches config.train.num_steps=%d: evaluating only", start_step, num_steps
+    )
   # Built at the first evaluation: reading the held-out batches need not delay the first step.
   evaluator = None
 
   # ------------------------------------------------------------------ the loop
-  num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   hooks = [report] if is_chief else []
   train_metrics, history = [], []
@@ -503,6 +513,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
         memory.release_freed_memory()  # the evaluation programs' compile scratch
         writer.write_scalars(step, evaluator.flatten(final_metrics))
+  if start_step >= num_steps:  # resumed at its end: the loop evaluated nothing, so do it now
+    evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
+    final_metrics = evaluator.evaluate(state.params, decode=True)
+    writer.write_scalars(step, evaluator.flatten(final_metrics))
   writer.flush()
   if is_chief and final_metrics:
     print(evaluator.table(final_metrics), flush=True)

@@ -188,6 +188,39 @@ def test_checkpoints_another_config_cannot_continue_are_a_config_error_and_stay(
   assert _files(workdir) == before
 
 
+@pytest.mark.slow
+def test_a_finished_run_rerun_evaluates_its_checkpoint_without_compiling_the_step(
+  nonfinite_run, data_dir, tmp_path, monkeypatch
+):
+  """The command rerun after its run ended compiled the step, trained nothing and printed
+  nothing. Now it evaluates the last checkpoint and leaves the checkpoints alone."""
+  workdir = str(tmp_path / "work")
+  shutil.copytree(nonfinite_run[0], workdir)
+  checkpoints = _files(os.path.join(workdir, "checkpoints"))
+  config = nonfinite_config(data_dir)
+  config.train.update(num_steps=4, eval_batches=1)  # the newest checkpoint is step 4
+  compiles = []
+  monkeypatch.setattr(train, "compile_in_background", lambda *args: compiles.append(args))
+  result = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  assert compiles == [] and result["train"] == []
+  assert set(result["eval"]) == {TASK} and 0 <= result["eval"][TASK]["accuracy"] <= 100
+  assert _files(os.path.join(workdir, "checkpoints")) == checkpoints
+  # The newest checkpoint, restored the way `python -m mm_jax.evaluate` does, gives the same.
+  from mm_jax import evaluate, predict
+
+  config.mesh.data = -1  # load_run's mesh spans every device: 8 here
+  run = predict.load_run(workdir, config)
+  evaluator = evaluate.Evaluator(
+    run.config, run.model, run.plan, run.tasks, run.mesh, run.rules, run.tokenizer
+  )
+  assert run.step == 4
+  want = evaluator.evaluate(run.params)
+  assert want.keys() == result["eval"].keys()
+  for name, metrics in want.items():
+    for key, value in metrics.items():
+      np.testing.assert_allclose(result["eval"][name][key], value, rtol=1e-5, err_msg=key)
+
+
 def test_restoring_other_shapes_is_a_config_error_naming_the_leaf(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2)
   ckpt.save(1, {"params": {"w": jnp.arange(6.0)}, "step": jnp.int32(1)}, {"batches": {}})
