@@ -3,12 +3,13 @@
 A step directory is only visible to `all_steps()` once orbax has finished writing it (it writes to
 a temporary name and renames), so a kill mid-save never replaces the last good checkpoint. A
 checkpoint that exists but cannot be read (truncated file, disk fault) is skipped with a warning
-and the previous one is restored instead. A readable checkpoint whose state has other leaves or
-shapes than the config's (another model or optimizer) is a `ConfigError`, raised before anything
-is restored or compiled: falling back past it would start afresh in its directory, where new
-saves skip its step numbers and keep-N later deletes its steps. A save that fails (full disk, lost
-permissions) ends the run with a one-line `CheckpointWriteError` instead of a traceback from
-orbax's threads.
+and the previous one is restored instead; when none can be read, the run stops with a one-line
+`CheckpointReadError` rather than start afresh beside them (keep-N would then delete them). A
+readable checkpoint whose state has other leaves or shapes than the config's (another model or
+optimizer) is a `ConfigError`, raised before anything is restored or compiled: falling back past
+it would start afresh in its directory, where new saves skip its step numbers and keep-N later
+deletes its steps. A save that fails (full disk, lost permissions) ends the run with a one-line
+`CheckpointWriteError` instead of a traceback from orbax's threads.
 
 The data iterator's position differs per process (its own shard and counters) while orbax writes
 JSON from process 0 only, so every process's position is gathered and saved as one list.
@@ -51,8 +52,17 @@ def _use_array_handler():
   )
 
 
-class CheckpointWriteError(RuntimeError):
-  """A checkpoint could not be written; the message is one line naming the directory and cause."""
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message is one line naming the directory."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (full disk, lost permissions)."""
+
+
+class CheckpointReadError(CheckpointError):
+  """Checkpoints exist but none could be read: starting afresh beside them would let keep-N
+  delete them, so the run stops instead."""
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
@@ -188,13 +198,15 @@ class Checkpointer:
     return _own_state(saved["data"], steps[-1])
 
   def restore_latest(self, abstract_state):
-    """Returns (step, state, data_state) from the newest readable checkpoint, or None.
+    """Returns (step, state, data_state) from the newest readable checkpoint; None when there is
+    no checkpoint, CheckpointReadError when there are some and none reads.
 
     With `abstract_state` (not None), a checkpoint of other shapes is a ConfigError
     (check_matches), not an unreadable one to fall back past."""
     if abstract_state is not None:
       self.check_matches(abstract_state)
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    for step in reversed(steps):
       try:
         restored = self.manager.restore(
           step,
@@ -209,8 +221,15 @@ class Checkpointer:
           self.directory,
           _one_line(error),
         )
+        last_error = error
         continue
       return step, restored["state"], _own_state(restored["data"], step)
+    if steps:
+      raise CheckpointReadError(
+        f"none of the {len(steps)} checkpoints in {self.directory} (steps {steps[0]}-{steps[-1]}) "
+        f"can be read (oldest: {_one_line(last_error)}): restore access to them or a good copy, "
+        "or move them away to start afresh"
+      )
     return None
 
   def wait(self):

@@ -105,7 +105,7 @@ def main(argv):
       process_id=_PROCESS_ID.value,
     )
   from mm_jax import train
-  from mm_jax.checkpointing import CheckpointWriteError
+  from mm_jax.checkpointing import CheckpointError
   from mm_jax.sharding import ConfigError
 
   logging.info(
@@ -130,7 +130,7 @@ def main(argv):
   except train.NonFiniteError as error:
     print(f"stopped: {error}", file=sys.stderr, flush=True)
     sys.exit(3)
-  except CheckpointWriteError as error:
+  except CheckpointError as error:  # cannot write one, or none of those there reads
     print(f"checkpoint error: {error}", file=sys.stderr, flush=True)
     sys.exit(4)
 

@@ -253,6 +253,28 @@ def test_shape_difference_names_what_differs():
   ).startswith("params.w")
 
 
+@pytest.mark.slow
+def test_no_readable_checkpoint_stops_the_run_instead_of_starting_afresh(nonfinite_run, tmp_path):
+  """Falling back past every checkpoint used to mean a fresh start in their directory, whose
+  saves keep-N would then use to delete them (a storage outage would have cost the run)."""
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
+  for step in (1, 2, 4):
+    arrays = glob.glob(os.path.join(directory, str(step), "state", "**", "d", "*"), recursive=True)
+    biggest = max(arrays, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  before = _files(directory)
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  with pytest.raises(checkpointing.CheckpointReadError) as info:
+    ckpt.restore_latest(None)
+  ckpt.close()
+  message = str(info.value)
+  assert "\n" not in message and directory in message and "none of the 3" in message, message
+  assert "steps 1-4" in message and "move them away" in message, message
+  assert _files(directory) == before
+
+
 def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
   directory = tmp_path / "checkpoints"
   ckpt = checkpointing.Checkpointer(str(directory), keep=2)
