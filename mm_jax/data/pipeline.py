@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from flax.traverse_util import flatten_dict
 
 from mm_jax import sharding
 from mm_jax.data import features
@@ -483,17 +484,6 @@ def eval_dataset(
 # --- the public iterators -------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{"data": {"seed": 0}} -> {"data.seed": 0}: settings by their dotted names."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def _split_stats(batch: dict) -> tuple[dict, dict]:
   stats = batch.pop("_stats")
   return batch, dict(zip(STATS, (int(x) for x in stats[-1]), strict=True))
@@ -586,7 +576,7 @@ class TrainIterator:
     data config, batch sizes and process layout. A position in other batches is no position."""
     if state.get("fingerprint") == self._fingerprint() and set(state["batches"]) == set(self.tasks):
       return
-    saved, here = _flatten(state.get("layout", {})), _flatten(self._layout())
+    saved, here = (flatten_dict(x, sep=".") for x in (state.get("layout", {}), self._layout()))
     changed = [k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)]
     named = (
       ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
