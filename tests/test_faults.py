@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
 
-from mm_jax import checkpointing, train  # noqa: E402
+from mm_jax import checkpointing, evaluate, predict, train  # noqa: E402
 from mm_jax.sharding import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,8 +206,6 @@ def test_a_finished_run_rerun_evaluates_its_checkpoint_without_compiling_the_ste
   assert set(result["eval"]) == {TASK} and 0 <= result["eval"][TASK]["accuracy"] <= 100
   assert _files(os.path.join(workdir, "checkpoints")) == checkpoints
   # The newest checkpoint, restored the way `python -m mm_jax.evaluate` does, gives the same.
-  from mm_jax import evaluate, predict
-
   config.mesh.data = -1  # load_run's mesh spans every device: 8 here
   run = predict.load_run(workdir, config)
   evaluator = evaluate.Evaluator(
