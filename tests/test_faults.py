@@ -4,6 +4,7 @@ The kill/SIGTERM test runs the real command line in subprocesses; its unbroken r
 this process, compiles the programs they then read from the session's persistent compilation cache.
 """
 
+import gc
 import glob
 import os
 import random
@@ -122,7 +123,13 @@ def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops(nonfinite_run)
   assert data_state["batches"] == {TASK: 1}  # fixed_batch: only the first batch was read
 
 
+# A failed orbax restore leaves its other array reads as coroutines never awaited; collected
+# later, each prints an "Exception ignored" warning under whichever test is running then.
+ORPHANED_READS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
 @pytest.mark.slow
+@ORPHANED_READS
 def test_truncated_latest_checkpoint_falls_back_with_a_warning(nonfinite_run, tmp_path, caplog):
   directory = str(tmp_path / "checkpoints")
   shutil.copytree(os.path.join(nonfinite_run[0], "checkpoints"), directory)
@@ -137,6 +144,7 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(nonfinite_run, tm
   assert step == 2 and int(state["step"]) == 2
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any("step 4" in w and "unreadable" in w for w in warnings), warnings
+  gc.collect()  # the failed restore's orphaned reads: here, under this test's warning filter
 
 
 def _files(directory):
@@ -252,6 +260,7 @@ def test_shape_difference_names_what_differs():
 
 
 @pytest.mark.slow
+@ORPHANED_READS
 def test_no_readable_checkpoint_stops_the_run_instead_of_starting_afresh(nonfinite_run, tmp_path):
   """Falling back past every checkpoint used to mean a fresh start in their directory, whose
   saves keep-N would then use to delete them (a storage outage would have cost the run)."""
@@ -271,6 +280,7 @@ def test_no_readable_checkpoint_stops_the_run_instead_of_starting_afresh(nonfini
   assert "\n" not in message and directory in message and "none of the 3" in message, message
   assert "steps 1-4" in message and "move them away" in message, message
   assert _files(directory) == before
+  gc.collect()  # the failed restores' orphaned reads: here, under this test's warning filter
 
 
 def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
