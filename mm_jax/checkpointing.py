@@ -86,11 +86,10 @@ def _gather_per_process(data_state) -> list:
 def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
   """Each leaf's shape by its path as orbax names it ("opt_state.1.0.mu.encoder.ffn.w_in"); the
   same for a state, its abstract shapes and a checkpoint's array metadata."""
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    keys = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    shapes[".".join(map(str, keys))] = tuple(leaf.shape)
-  return shapes
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def shape_difference(stored: dict, wanted: dict) -> str | None:
@@ -125,6 +124,7 @@ class Checkpointer:
     # Local paths are made absolute; bucket paths (gs://...) go to orbax as they are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._last_saved = None
+    self._stored = {}  # step -> its leaf shapes (or None): a written step never changes
     _use_array_handler()
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -162,12 +162,15 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def _stored_shapes(self, step: int) -> dict | None:
-    """The step's state leaf shapes from its metadata, or None where that cannot be read."""
-    try:
-      return leaf_shapes(self.manager.item_metadata(step)["state"])
-    except Exception as error:  # noqa: BLE001 - unreadable: restore_latest falls back past it
-      logging.warning("checkpoint at step %d: no readable metadata (%s)", step, _one_line(error))
-      return None
+    """The step's state leaf shapes from its metadata, or None where that cannot be read. Read
+    once per step: train.py checks before compiling, restore_latest again."""
+    if step not in self._stored:
+      try:
+        self._stored[step] = leaf_shapes(self.manager.item_metadata(step)["state"])
+      except Exception as error:  # noqa: BLE001 - unreadable: restore_latest falls back past it
+        logging.warning("checkpoint at step %d: no readable metadata (%s)", step, _one_line(error))
+        self._stored[step] = None
+    return self._stored[step]
 
   def check_matches(self, abstract_state):
     """Raises ConfigError if the newest checkpoint with readable metadata holds a state of other
