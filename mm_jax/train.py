@@ -451,8 +451,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     logging.info(
       "step %d reaches config.train.num_steps=%d: evaluating only", start_step, num_steps
     )
-  # Built at the first evaluation: reading the held-out batches need not delay the first step.
   evaluator = None
+
+  def evaluate_and_log(step, params):
+    """Held-out metrics at `step`, decoded at the end. The evaluator is built at the first call:
+    reading the held-out batches need not delay the first step."""
+    nonlocal evaluator
+    evaluator = evaluator or evaluate.Evaluator(
+      config, model, plan, tasks, mesh, rules, train_iter.tokenizer
+    )
+    metrics = evaluator.evaluate(params, decode=step >= num_steps)
+    memory.release_freed_memory()  # the evaluation programs' compile scratch
+    writer.write_scalars(step, evaluator.flatten(metrics))
+    return metrics
 
   # ------------------------------------------------------------------ the loop
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
@@ -507,16 +518,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         ckpt.save(step, state, train_iter.get_state())
       if step % config.train.eval_every == 0 or step == num_steps:
         with report.timed("eval"):
-          evaluator = evaluator or evaluate.Evaluator(
-            config, model, plan, tasks, mesh, rules, train_iter.tokenizer
-          )
-          final_metrics = evaluator.evaluate(state.params, decode=(step == num_steps))
-        memory.release_freed_memory()  # the evaluation programs' compile scratch
-        writer.write_scalars(step, evaluator.flatten(final_metrics))
+          final_metrics = evaluate_and_log(step, state.params)
   if start_step >= num_steps:  # resumed at its end: the loop evaluated nothing, so do it now
-    evaluator = evaluate.Evaluator(config, model, plan, tasks, mesh, rules, train_iter.tokenizer)
-    final_metrics = evaluator.evaluate(state.params, decode=True)
-    writer.write_scalars(step, evaluator.flatten(final_metrics))
+    final_metrics = evaluate_and_log(step, state.params)
   writer.flush()
   if is_chief and final_metrics:
     print(evaluator.table(final_metrics), flush=True)
