@@ -192,6 +192,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.checkpoint_every = {"tiny": 10, "default": 200, "paper": 2000}[size]
   t.keep_checkpoints = 3
   t.max_consecutive_nonfinite = 5
+  # Gradient accumulation: each step's batch in this many sequential pieces, one update. Same
+  # update (the MoE and CTC auxiliary losses become their mean over pieces), less activation
+  # memory; every task's batch per data-parallel shard must be a multiple of it.
+  t.microbatches = 1
   t.fixed_batch = False  # debugging: train on the first batch over and over (can it fit?)
   # Fault injection for tests: steps (0-based) whose gradients are replaced by NaN. Empty: off.
   t.inject_nonfinite_steps = ()

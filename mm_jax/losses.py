@@ -28,15 +28,21 @@ def smoothed_cross_entropy(logits, labels, label_smoothing: float):
   return loss - normalizer
 
 
+def target_weights(targets, target_modality: str):
+  """1 for each target token a loss is taken over (class labels: every one; text: non-padding)."""
+  if target_modality == "categorical":
+    return jnp.ones(targets.shape, jnp.float32)
+  return (targets != 0).astype(jnp.float32)
+
+
 def example_stats(logits, targets, target_modality: str, label_smoothing: float):
   """Per-example sums: training loss, log-perplexity, correct tokens, token count."""
+  weights = target_weights(targets, target_modality)
   if target_modality == "categorical":
-    weights = jnp.ones(targets.shape, jnp.float32)
     loss = smoothed_cross_entropy(logits, targets, label_smoothing)
     nll = smoothed_cross_entropy(logits, targets, 0.0)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     return {"loss": loss, "nll": nll, "correct": correct, "tokens": weights}
-  weights = (targets != 0).astype(jnp.float32)
   loss = smoothed_cross_entropy(logits, targets, label_smoothing) * weights
   nll = smoothed_cross_entropy(logits, targets, 0.0) * weights
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights

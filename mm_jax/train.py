@@ -103,14 +103,39 @@ def _task_sums(stats, task_index, num_tasks):
   return per_task
 
 
+def task_token_counts(batches, plan):
+  """Each task's target tokens in `batches`: the per-token means' denominators."""
+  counts = {}
+  for group in plan:
+    batch = batches[group.name]
+    weights = losses.target_weights(batch["targets"], group.signature.target_modality)
+    per_example = {"tokens": weights.reshape(weights.shape[0], -1).sum(-1)}
+    task_sums = _task_sums(per_example, batch["task_index"], len(group.tasks))
+    counts.update({task: sums["tokens"] for task, sums in zip(group.tasks, task_sums)})
+  return counts
+
+
 def forward_losses(
-  model, params, batches, plan, *, train, rng, step, label_smoothing, loss_weights=None
+  model,
+  params,
+  batches,
+  plan,
+  *,
+  train,
+  rng,
+  step,
+  label_smoothing,
+  loss_weights=None,
+  token_counts=None,
+  aux_weight=1.0,
 ):
   """Total loss and per-task sums over all groups: the body of both train and eval steps.
 
   Each task adds its per-token mean loss times its weight (config.train.loss_weights, default 1):
   the batch share sets how many examples a task sees, the weight how hard the shared parameters
-  are pulled towards it.
+  are pulled towards it. A microbatch passes the whole step's `token_counts` as the means'
+  denominators, and its share of the auxiliary losses as `aux_weight`, so that the microbatches'
+  losses (and gradients) add up to the whole batch's.
   """
   loss_weights = loss_weights or {}
   model_batches = {g.name: _model_inputs(batches[g.name]) for g in plan}
@@ -144,7 +169,9 @@ def forward_losses(
     for task, sums in zip(group.tasks, _task_sums(stats, batch["task_index"], len(group.tasks))):
       per_task[task] = sums
       weight = loss_weights.get(task, 1.0)
-      total_task_loss += weight * sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
+      tokens = sums["tokens"] if token_counts is None else token_counts[task]
+      total_task_loss += weight * sums["loss"] / jnp.maximum(tokens, 1.0)
+  total_aux = aux_weight * total_aux
   return total_task_loss + total_aux, (per_task, total_aux)
 
 
@@ -159,6 +186,47 @@ def inject_nonfinite(grads, step, steps):
   return jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
 
 
+def split_microbatches(batches, count: int):
+  """[B, ...] -> [count, B / count, ...]; microbatch i holds rows i, i + count, i + 2 count, ...
+
+  Strided, not contiguous: while each device's shard of B is a multiple of `count` rows (the
+  config is validated for it), every microbatch takes the same rows from every shard, so the
+  split moves no data between devices.
+  """
+
+  def split(x):
+    y = jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(y, (None, "batch") + (None,) * (y.ndim - 2))
+
+  return jax.tree.map(split, batches)
+
+
+def accumulated_gradients(loss_fn, params, batches, plan, rng, count: int):
+  """`jax.value_and_grad(loss_fn, has_aux=True)` of the whole batch, one microbatch at a time.
+
+  A scan over `count` microbatches holds one microbatch's activations at a time and sums the
+  gradients in float32. `loss_fn(params, batch, rng, token_counts, aux_weight)` must return
+  (loss, (per-task sums, aux)); the whole batch's token counts make the per-token means add up
+  exactly, while each microbatch's auxiliary losses (MoE balance, CTC) count 1/count: their mean.
+  """
+  token_counts = task_token_counts(batches, plan)
+
+  def step(grad_sum, xs):
+    index, batch = xs
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, extras), grads = grad_fn(
+      params, batch, jax.random.fold_in(rng, index), token_counts, 1.0 / count
+    )
+    grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+    return grad_sum, (loss, extras)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  xs = (jnp.arange(count), split_microbatches(batches, count))
+  grad_sum, (loss, extras) = jax.lax.scan(step, zeros, xs)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, params)
+  return (loss.sum(), jax.tree.map(lambda x: x.sum(0), extras)), grads
+
+
 def train_step(
   state,
   batches,
@@ -170,10 +238,15 @@ def train_step(
   label_smoothing,
   loss_weights=None,
   inject_nonfinite_steps=(),
+  microbatches=1,
 ):
-  """One optimizer update from every task group; skipped (and counted) if anything is non-finite."""
+  """One optimizer update from every task group; skipped (and counted) if anything is non-finite.
 
-  def loss_fn(params):
+  `microbatches` > 1 (config.train.microbatches) computes the same update in that many
+  sequential pieces: less activation memory for the same batch (accumulated_gradients).
+  """
+
+  def loss_fn(params, batches, rng, token_counts=None, aux_weight=1.0):
     return forward_losses(
       model,
       params,
@@ -184,9 +257,17 @@ def train_step(
       step=state.step,
       label_smoothing=label_smoothing,
       loss_weights=loss_weights,
+      token_counts=token_counts,
+      aux_weight=aux_weight,
     )
 
-  (loss, (per_task, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if microbatches == 1:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (per_task, aux)), grads = grad_fn(state.params, batches, rng)
+  else:
+    (loss, (per_task, aux)), grads = accumulated_gradients(
+      loss_fn, state.params, batches, plan, rng, microbatches
+    )
   grads = inject_nonfinite(grads, state.step, inject_nonfinite_steps)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -349,6 +430,7 @@ def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardin
     label_smoothing=config.train.label_smoothing,
     loss_weights=dict(config.train.get("loss_weights") or {}),
     inject_nonfinite_steps=tuple(config.train.get("inject_nonfinite_steps", ())),
+    microbatches=config.train.get("microbatches", 1),
   )
   return jax.jit(
     step_fn,

@@ -119,6 +119,7 @@ def _validate_train(t):
   for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _positive_int(t[name], f"config.train.{name}")
   _positive_int(t.max_consecutive_nonfinite, "config.train.max_consecutive_nonfinite")
+  _positive_int(t.get("microbatches", 1), "config.train.microbatches")
   _require(
     isinstance(t.eval_batches, int) and t.eval_batches >= 0,
     f"config.train.eval_batches={t.eval_batches!r}: use an integer >= 0",
@@ -171,7 +172,16 @@ def _validate_data(config, mesh):
       f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
     )
   data_parallel = mesh["data"] * mesh["expert"]
-  pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+  sizes = pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+  microbatches = config.train.get("microbatches", 1)
+  for name, size in sizes.items():
+    per_shard = size // data_parallel
+    _require(
+      per_shard % microbatches == 0,
+      f"config.train.microbatches={microbatches} does not divide {name}'s {per_shard} examples "
+      f"per data-parallel shard ({size} a step over {data_parallel}): use a divisor of "
+      f"{per_shard} or raise config.data.global_batch_size",
+    )
 
 
 def _check_paper_sources(config):
