@@ -70,7 +70,7 @@ def steps(tiny_data_dir, real_batch, devices):
   """{microbatches: (compiled step, its gradients, its metrics)} on a (data=8) mesh."""
   plan, specs, batch = real_batch
   out = {}
-  for count in (1, 2, 4):
+  for count in (1, 4):
     config = config_with(tiny_data_dir, count)
     mesh, state, compiled = compiled_step(config, plan, specs, devices)
     new_state, metrics = compiled(state, sharding.global_batch(batch, mesh), jax.random.key(0))
@@ -78,10 +78,9 @@ def steps(tiny_data_dir, real_batch, devices):
   return out
 
 
-@pytest.mark.parametrize("count", [2, 4])
-def test_microbatched_gradients_equal_the_whole_batch(steps, count):
+def test_microbatched_gradients_equal_the_whole_batch(steps):
   _, want_grads, want_metrics = steps[1]
-  _, got_grads, got_metrics = steps[count]
+  _, got_grads, got_metrics = steps[4]
   flat_want = jax.tree_util.tree_leaves_with_path(want_grads)
   assert len(flat_want) > 50
   for (path, want), got in zip(flat_want, jax.tree.leaves(got_grads)):
