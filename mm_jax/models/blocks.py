@@ -397,6 +397,11 @@ class MultiHeadAttention(nn.Module):
     return jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(self.dtype))
 
 
+def queries_packing(packing):
+  """The queries' side of an attention `packing` pair (None when nothing is packed)."""
+  return None if packing is None else packing[0]
+
+
 class AttentionBlock(nn.Module):
   """LayerNorm(x + attention(queries(x), memory)); queries come from causal convs of x + timing.
 
@@ -415,7 +420,7 @@ class AttentionBlock(nn.Module):
     `packing`: (x's Packing, memory's Packing) when both hold packed groups."""
     d = x.shape[-1]
     decode = timing is not None
-    x_packing = None if packing is None else packing[0]
+    x_packing = queries_packing(packing)
     q = x + timing.astype(x.dtype) if decode else add_timing_signal(x, x_packing)
     for s, (kernel, dilation) in enumerate(self.query_convs):
       q = ConvStep(d, (kernel,), (dilation,), "causal", dtype=self.dtype, name=f"query_step{s}")(

@@ -22,6 +22,7 @@ from mm_jax.models.blocks import (
   Dense,
   LayerNorm,
   add_timing_signal,
+  queries_packing,
   timing_signal_at,
   zero_padding,
 )
@@ -136,7 +137,7 @@ class Mixer(nn.Module):
     kernel = _conv_groups(c)[0][0][0]
     merged = jnp.concatenate([shifted, context.astype(shifted.dtype)], axis=-1)
     x = ConvStep(c.d, (kernel,), (1,), "causal", dtype=_dtype(c), name="merge")(
-      merged, decode=timing is not None, packing=None if packing is None else packing[0]
+      merged, decode=timing is not None, packing=queries_packing(packing)
     )
     return nn.with_logical_constraint(x, EMBED_AXES)
 
@@ -155,7 +156,7 @@ class DecoderLayer(nn.Module):
     c = self.config
     # Causal convs: padding sits to the right of every real position, so nothing to mask.
     x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), name="convs")(
-      x, train=train, decode=timing is not None, packing=None if packing is None else packing[0]
+      x, train=train, decode=timing is not None, packing=queries_packing(packing)
     )
     if c.use_attention:
       x = AttentionBlock(c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention")(
