@@ -10,6 +10,7 @@ compile time, with one line and the numbers. Measured on 2 CPU cores: `:paper` f
 about 12 minutes and 18 GB of host memory, 23 GB with two slices (WORKSPACE.md has the report).
 """
 
+import collections
 import dataclasses
 import functools
 import os
@@ -204,23 +205,78 @@ def _array_bytes(type_text: str) -> list[int]:
   return sizes
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Per collective kind: how many and the bytes each device receives in results, summed.
+# A computation's header line (`[ENTRY] %name (params) -> result {`), the computations an
+# instruction calls, and a while loop's trip count as XLA records it in its backend config.
+_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(
+  r"\b(?P<kind>to_apply|calls|body|condition|true_computation|false_computation)=%?"
+  r"(?P<name>[\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
-  An async `-start` returns (operands, results, [scratch]); only its results count. Results are the
-  second half of the arrays for all-gather/all-to-all/collective-permute starts.
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """{computation name: its instruction lines} and the entry's name (None: no headers)."""
+  bodies, entry, current = {"": []}, None, ""
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header["name"]
+      bodies[current] = []
+      entry = current if header["entry"] else entry
+    else:
+      bodies[current].append(line)
+  return bodies, entry
+
+
+def executions_per_step(hlo_text: str) -> dict[str, int]:
+  """How often each computation runs per run of the entry computation.
+
+  A while loop's body runs its known trip count times per run of its caller (the microbatch
+  scan: config.train.microbatches); every other callee, each branch of a conditional included,
+  counts once per run of its caller.
+  """
+  bodies, entry = _computations(hlo_text)
+  counts = collections.Counter({"": 1})
+
+  def visit(name: str, times: int):
+    counts[name] += times
+    for line in bodies.get(name, ()):
+      trips = _TRIP_COUNT.search(line)
+      for callee in _CALLEE.finditer(line):
+        loop = callee["kind"] == "body" and trips is not None
+        visit(callee["name"], times * (int(trips[1]) if loop else 1))
+      for branches in _BRANCHES.finditer(line):
+        for name in branches["names"].split(","):
+          visit(name.strip().lstrip("%"), times)
+
+  if entry is not None:
+    visit(entry, 1)
+  return counts
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Per collective kind: how many run per step and the bytes each device receives, summed.
+
+  A collective inside a loop counts once per iteration. An async `-start` returns (operands,
+  results, [scratch]); only its results count. Results are the second half of the arrays for
+  all-gather/all-to-all/collective-permute starts.
   """
   totals = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    match = _INSTRUCTION.search(line)
-    if match is None:
-      continue
-    sizes = _array_bytes(match["type"])
-    if match["start"] and match["op"] != "all-reduce":
-      sizes = [s for s in sizes if s > 8]  # drop u32[] scratch/sync scalars
-      sizes = sizes[len(sizes) // 2 :] if len(sizes) > 1 else sizes
-    totals[match["op"]]["count"] += 1
-    totals[match["op"]]["bytes"] += sum(sizes)
+  bodies, _ = _computations(hlo_text)
+  times = executions_per_step(hlo_text)
+  for computation, lines in bodies.items():
+    for line in lines:
+      match = _INSTRUCTION.search(line)
+      if match is None:
+        continue
+      sizes = _array_bytes(match["type"])
+      if match["start"] and match["op"] != "all-reduce":
+        sizes = [s for s in sizes if s > 8]  # drop u32[] scratch/sync scalars
+        sizes = sizes[len(sizes) // 2 :] if len(sizes) > 1 else sizes
+      totals[match["op"]]["count"] += times[computation]
+      totals[match["op"]]["bytes"] += times[computation] * sum(sizes)
   return totals
 
 

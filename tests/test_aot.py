@@ -36,6 +36,56 @@ def test_collectives_are_counted_with_their_result_bytes():
   assert got["reduce-scatter"] == {"count": 0, "bytes": 0}
 
 
+# A while loop of known trip count 4 (the microbatch scan) whose body all-reduces, nested in a
+# loop of 3; a conditional whose branch all-gathers; an all-to-all in the entry; and a
+# computation nothing calls.
+_LOOP_HLO = """
+%add (x: f32[], y: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %x, f32[] %y)
+}
+%inner_body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %ar = f32[256]{0} all-reduce(f32[256]{0} %g), channel_id=1, to_apply=%add
+}
+%inner_cond (p: (s32[], f32[256])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+%outer_body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %w = (s32[], f32[256]{0}) while(%t), condition=%inner_cond, body=%inner_body, TRIPS_4
+}
+%outer_cond (p: (s32[], f32[256])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+%update (p: f32[64]) -> f32[512] {
+  %ag = f32[512]{0} all-gather(f32[64]{0} %p), dimensions={0}
+}
+%skip (p: f32[64]) -> f32[512] {
+  ROOT %b = f32[512]{0} broadcast(f32[] %z), dimensions={}
+}
+%unused (p: f32[8]) -> f32[8] {
+  %never = f32[8]{0} all-reduce(f32[8]{0} %p), to_apply=%add
+}
+ENTRY %main (a: f32[256], b: f32[64]) -> f32[256] {
+  %loop = (s32[], f32[256]{0}) while(%t0), condition=%outer_cond, body=%outer_body, TRIPS_3
+  %c = f32[512]{0} conditional(pred[] %ok, f32[64]{0} %b, f32[64]{0} %b),
+    branch_computations={%update, %skip}
+  %a2a = f32[4,32]{1,0} all-to-all(f32[4,32]{1,0} %d), dimensions={0}
+}
+"""
+for _n in (3, 4):  # as XLA writes a while loop's trip count
+  _LOOP_HLO = _LOOP_HLO.replace(
+    f"TRIPS_{_n}", f'backend_config={{"known_trip_count":{{"n":"{_n}"}}}}'
+  )
+
+
+def test_collectives_in_loops_count_once_per_iteration():
+  got = aot.collectives(_LOOP_HLO)
+  assert got["all-reduce"] == {"count": 12, "bytes": 12 * 256 * 4}
+  assert got["all-gather"] == {"count": 1, "bytes": 512 * 4}
+  assert got["all-to-all"] == {"count": 1, "bytes": 4 * 32 * 4}
+  times = aot.executions_per_step(_LOOP_HLO)
+  assert (times["main"], times["outer_body"], times["inner_body"], times["unused"]) == (1, 3, 12, 0)
+
+
 def test_batch_specs_match_what_the_pipeline_yields(tiny_data_dir):
   tasks_arg = "image_classification+image_captioning+speech_recognition+translate_en_de"
   config = multimodel_config.get_config(f"tiny,tasks={tasks_arg}")
