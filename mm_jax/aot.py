@@ -214,6 +214,8 @@ _CALLEE = re.compile(
 )
 _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONDITION = re.compile(r"\bcondition=%?(?P<name>[\w.\-]+)")
+_INT_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((?P<value>\d+)\)")
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -233,20 +235,31 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
 def executions_per_step(hlo_text: str) -> dict[str, int]:
   """How often each computation runs per run of the entry computation.
 
-  A while loop's body runs its known trip count times per run of its caller (the microbatch
-  scan: config.train.microbatches); every other callee, each branch of a conditional included,
-  counts once per run of its caller.
+  A while loop's body runs its trip count times per run of its caller (the microbatch scan:
+  config.train.microbatches): XLA:CPU records it in the loop's backend config, TPU code only in
+  the loop's condition (`counter < N`). Every other callee, each branch of a conditional
+  included, counts once per run of its caller.
   """
   bodies, entry = _computations(hlo_text)
   counts = collections.Counter({"": 1})
 
+  def trip_count(line: str) -> int:
+    """XLA's recorded count, else the N of a condition `counter < N` (scan counts 0, 1, ...)."""
+    known = _TRIP_COUNT.search(line)
+    if known:
+      return int(known[1])
+    condition = _CONDITION.search(line)
+    lines = bodies.get(condition["name"], ()) if condition else ()
+    limits = [int(m["value"]) for m in map(_INT_CONSTANT.search, lines) if m]
+    compares_lt = any("compare(" in x and "direction=LT" in x for x in lines)
+    return limits[0] if compares_lt and len(limits) == 1 else 1
+
   def visit(name: str, times: int):
     counts[name] += times
     for line in bodies.get(name, ()):
-      trips = _TRIP_COUNT.search(line)
       for callee in _CALLEE.finditer(line):
-        loop = callee["kind"] == "body" and trips is not None
-        visit(callee["name"], times * (int(trips[1]) if loop else 1))
+        loop = callee["kind"] == "body"
+        visit(callee["name"], times * (trip_count(line) if loop else 1))
       for branches in _BRANCHES.finditer(line):
         for name in branches["names"].split(","):
           visit(name.strip().lstrip("%"), times)
