@@ -211,7 +211,7 @@ def accumulated_gradients(loss_fn, params, batches, plan, rng, count: int):
   """
   token_counts = task_token_counts(batches, plan)
 
-  def step(grad_sum, xs):
+  def accumulate(grad_sum, xs):
     index, batch = xs
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, extras), grads = grad_fn(
@@ -222,7 +222,7 @@ def accumulated_gradients(loss_fn, params, batches, plan, rng, count: int):
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   xs = (jnp.arange(count), split_microbatches(batches, count))
-  grad_sum, (loss, extras) = jax.lax.scan(step, zeros, xs)
+  grad_sum, (loss, extras) = jax.lax.scan(accumulate, zeros, xs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, params)
   return (loss.sum(), jax.tree.map(lambda x: x.sum(0), extras)), grads
 
