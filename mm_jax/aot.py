@@ -261,8 +261,8 @@ def executions_per_step(hlo_text: str) -> dict[str, int]:
         loop = callee["kind"] == "body"
         visit(callee["name"], times * (trip_count(line) if loop else 1))
       for branches in _BRANCHES.finditer(line):
-        for name in branches["names"].split(","):
-          visit(name.strip().lstrip("%"), times)
+        for branch in branches["names"].split(","):
+          visit(branch.strip().lstrip("%"), times)
 
   if entry is not None:
     visit(entry, 1)
