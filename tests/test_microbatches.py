@@ -17,8 +17,8 @@ from mm_jax.models.multimodel import MultiModel
 from mm_jax.sharding import ConfigError
 
 # A categorical task and a group of two text tasks (split back per task by task_index): both
-# kinds of per-token mean. The dense FFN and no CTC: their losses are per-token sums, so
-# microbatches add up exactly (the MoE's and CTC's are means per microbatch, by design).
+# kinds of per-token mean. The dense FFN and no CTC loss: the MoE's balance loss and the CTC loss
+# become their mean over microbatches by design; everything else must add up exactly.
 TASKS = "tasks=image_classification+translate_en_de+translate_de_en"
 
 
