@@ -240,7 +240,10 @@ def executions_per_step(hlo_text: str) -> dict[str, int]:
   the loop's condition (`counter < N`). Every other callee, each branch of a conditional
   included, counts once per run of its caller.
   """
-  bodies, entry = _computations(hlo_text)
+  return _executions(*_computations(hlo_text))
+
+
+def _executions(bodies: dict[str, list[str]], entry: str | None) -> dict[str, int]:
   counts = collections.Counter({"": 1})
 
   def trip_count(line: str) -> int:
@@ -277,8 +280,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   all-gather/all-to-all/collective-permute starts.
   """
   totals = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  bodies, _ = _computations(hlo_text)
-  times = executions_per_step(hlo_text)
+  bodies, entry = _computations(hlo_text)
+  times = _executions(bodies, entry)
   for computation, lines in bodies.items():
     for line in lines:
       match = _INSTRUCTION.search(line)
