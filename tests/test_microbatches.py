@@ -11,7 +11,7 @@ import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import grouping, sharding, train, validation
+from mm_jax import aot, grouping, sharding, train, validation
 from mm_jax.data import pipeline
 from mm_jax.models.multimodel import MultiModel
 from mm_jax.sharding import ConfigError
@@ -102,9 +102,8 @@ def test_microbatches_hold_fewer_activations_and_move_no_data(steps):
   assert temps[4] < 0.6 * temps[1], temps
 
   def collectives(compiled):
-    hlo = compiled.as_text()
-    kinds = ("all-gather", "all-to-all", "collective-permute")
-    return {kind: hlo.count(f" {kind}(") + hlo.count(f" {kind}-start(") for kind in kinds}
+    found = aot.collectives(compiled.as_text())
+    return {kind: found[kind] for kind in ("all-gather", "all-to-all", "collective-permute")}
 
   assert collectives(steps[4][0]) == collectives(steps[1][0])
 
