@@ -160,7 +160,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # A short warm-up left the categorical head stuck at chance for hundreds of steps (post-norm
   # conv blocks under a large early step); a short run ends best with a cosine decay to zero.
   o.warmup_steps = {"tiny": 10, "default": 150, "paper": 4000}[size]
-  o.decay = "cosine" if size == "default" else "rsqrt"  # "rsqrt" | "cosine" | "constant"
+  o.decay = "cosine" if size == "default" else "rsqrt"  # "rsqrt" | "cosine" | "wsd" | "constant"
+  o.cooldown_fraction = 0.25  # "wsd": the last quarter of the run decays linearly to zero
   o.b1 = 0.85
   o.b2 = 0.997
   o.eps = 1e-6

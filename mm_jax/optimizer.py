@@ -5,7 +5,13 @@ import optax
 
 
 def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
-  """Linear warm-up, then rsqrt (T2T's default), cosine, or constant."""
+  """Linear warm-up, then rsqrt (T2T's default), cosine, wsd or constant.
+
+  "wsd" (warm-up, stable, decay) holds the peak and decays linearly to zero over the last
+  `cooldown_fraction` of the run: a task that only starts to learn late in a short run (speech,
+  once the decoder's attention finds the audio) still gets most of the peak rate, where a cosine
+  has already spent it.
+  """
   peak = opt_config.learning_rate
   warmup = max(int(opt_config.warmup_steps), 1)
   decay = opt_config.decay
@@ -18,6 +24,9 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
     elif decay == "cosine":
       progress = jnp.clip((step - warmup) / max(num_steps - warmup, 1), 0.0, 1.0)
       after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif decay == "wsd":
+      cooldown = max(opt_config.cooldown_fraction * num_steps, 1.0)
+      after = jnp.clip((num_steps - step) / cooldown, 0.0, 1.0)
     else:  # "constant"; other values are rejected by config validation
       after = 1.0
     return peak * warm * after

@@ -104,8 +104,15 @@ def _validate_optimizer(o):
     isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
     f"config.optimizer.warmup_steps={o.warmup_steps!r}: use an integer >= 0",
   )
-  decays = ("rsqrt", "cosine", "constant")
+  decays = ("rsqrt", "cosine", "wsd", "constant")
   _require(o.decay in decays, f"config.optimizer.decay={o.decay!r}: use one of {decays}")
+  if o.decay == "wsd":
+    f = o.get("cooldown_fraction")
+    _require(
+      isinstance(f, int | float) and 0 < f <= 1,
+      f"config.optimizer.cooldown_fraction={f!r}: use a value in (0, 1] (the share of the run"
+      " over which wsd decays to zero)",
+    )
   for name in ("b1", "b2"):
     _require(0.0 <= o[name] < 1.0, f"config.optimizer.{name}={o[name]!r}: use a value in [0, 1)")
   _require(o.eps > 0, f"config.optimizer.eps={o.eps!r}: use a positive number")

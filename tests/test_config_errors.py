@@ -60,6 +60,10 @@ CASES = {
   "mesh_zero_axis": ({"mesh.model": 0}, "config.mesh.model"),
   "learning_rate_zero": ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate"),
   "unknown_decay": ({"optimizer.decay": "linear"}, "config.optimizer.decay"),
+  "wsd_no_cooldown": (
+    {"optimizer.decay": "wsd", "optimizer.cooldown_fraction": 0.0},
+    "config.optimizer.cooldown_fraction",
+  ),
   "b1_one": ({"optimizer.b1": 1.0}, "config.optimizer.b1"),
   "negative_warmup": ({"optimizer.warmup_steps": -5}, "config.optimizer.warmup_steps"),
   "zero_steps": ({"train.num_steps": 0}, "config.train.num_steps"),

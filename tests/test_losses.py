@@ -53,9 +53,11 @@ def test_categorical_stats():
   np.testing.assert_array_equal(np.asarray(stats["tokens"]), [1.0, 1.0])
 
 
-@pytest.mark.parametrize("decay", ["rsqrt", "cosine", "constant"])
+@pytest.mark.parametrize("decay", ["rsqrt", "cosine", "wsd", "constant"])
 def test_schedule_warms_up_then_decays(decay):
-  cfg = ml_collections.ConfigDict({"learning_rate": 1.0, "warmup_steps": 10, "decay": decay})
+  cfg = ml_collections.ConfigDict(
+    {"learning_rate": 1.0, "warmup_steps": 10, "decay": decay, "cooldown_fraction": 0.25}
+  )
   schedule = optimizer.learning_rate_schedule(cfg, num_steps=100)
   values = np.array([float(schedule(s)) for s in range(100)])
   np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)
@@ -64,6 +66,9 @@ def test_schedule_warms_up_then_decays(decay):
     assert values[39] == pytest.approx(np.sqrt(10 / 40), rel=1e-6)
   elif decay == "cosine":
     assert values[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 90 / 90)), abs=1e-6)
+  elif decay == "wsd":  # the peak through step 74, then down by 1/25 a step: 24/25 ... 1/25, 0
+    assert np.all(values[9:75] == 1.0)
+    np.testing.assert_allclose(values[75:], np.arange(24, -1, -1) / 25, atol=1e-6)
   else:
     assert np.all(values[9:] == 1.0)
 
