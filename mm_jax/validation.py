@@ -183,9 +183,10 @@ def _validate_data(config, mesh):
   microbatches = config.train.get("microbatches", 1)
   for name, size in sizes.items():
     per_shard = size // data_parallel
+    examples = "example" if per_shard == 1 else "examples"
     _require(
       per_shard % microbatches == 0,
-      f"config.train.microbatches={microbatches} does not divide {name}'s {per_shard} examples "
+      f"config.train.microbatches={microbatches} does not divide {name}'s {per_shard} {examples} "
       f"per data-parallel shard ({size} a step over {data_parallel}): use a divisor of "
       f"{per_shard} or raise config.data.global_batch_size",
     )
