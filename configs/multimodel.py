@@ -162,8 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.warmup_steps = {"tiny": 10, "default": 150, "paper": 4000}[size]
   # The default run holds the peak and decays over its last quarter: speech learns fast only once
   # the decoder's attention finds the audio (steps 450-550, by seed), when a cosine had already
-  # spent most of its rate. Speech WER over seeds 0, 1, 2: cosine 28.96, 39.48, 33.33; wsd 13.59,
-  # 18.93, 12.14 (README).
+  # spent most of its rate. Speech WER, seeds 0-2: cosine 28.96, 39.48, 33.33; wsd 13.59, 18.93,
+  # 12.14 (seed 3: 14.24; README).
   o.decay = "wsd" if size == "default" else "rsqrt"  # "rsqrt" | "cosine" | "wsd" | "constant"
   o.cooldown_fraction = 0.25  # "wsd": the last quarter of the run decays linearly to zero
   o.b1 = 0.85

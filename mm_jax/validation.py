@@ -109,7 +109,7 @@ def _validate_optimizer(o):
   if o.decay == "wsd":
     f = o.get("cooldown_fraction")
     _require(
-      isinstance(f, int | float) and 0 < f <= 1,
+      isinstance(f, int | float) and not isinstance(f, bool) and 0 < f <= 1,
       f"config.optimizer.cooldown_fraction={f!r}: use a value in (0, 1] (the share of the run"
       " over which wsd decays to zero)",
     )
