@@ -21,6 +21,11 @@ def _require(condition: bool, message: str):
     raise ConfigError(message)
 
 
+def _is_number(value) -> bool:
+  """int or float, but not bool: `--config.x=True` is no weight or fraction."""
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _positive_int(value, field: str):
   _require(
     isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -109,7 +114,7 @@ def _validate_optimizer(o):
   if o.decay == "wsd":
     f = o.get("cooldown_fraction")
     _require(
-      isinstance(f, int | float) and not isinstance(f, bool) and 0 < f <= 1,
+      _is_number(f) and 0 < f <= 1,
       f"config.optimizer.cooldown_fraction={f!r}: use a value in (0, 1] (the share of the run"
       " over which wsd decays to zero)",
     )
@@ -175,7 +180,7 @@ def _validate_data(config, mesh):
       name in known, f"config.train.loss_weights names unknown task {name!r}: use some of {known}"
     )
     _require(
-      isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0,
+      _is_number(weight) and weight >= 0,
       f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
     )
   data_parallel = mesh["data"] * mesh["expert"]
