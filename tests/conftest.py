@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import built_once
 from xla_flags import xla_flags
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
@@ -36,5 +37,38 @@ def devices():
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-  """One data root for every trainer test: the tiny embedded build and tokenizers are reused."""
-  return tmp_path_factory.getbasetemp() / "tiny_data"
+  """One data root for every trainer test, in every worker: the tiny embedded build (made here,
+  once) and the tokenizers the tests train there are reused."""
+
+  def build(path):
+    from configs.multimodel import get_config
+    from mm_jax.data import pipeline
+
+    config = get_config("tiny")
+    config.data.data_dir = str(path)
+    pipeline.ensure_prepared(config)
+
+  return built_once.build_once(built_once.shared_root(tmp_path_factory) / "tiny_data", build)
+
+
+# Test files that take a minute or more on 2 cores, longest first (fresh-clone run, 2026-11-27).
+# `--dist loadfile` hands each worker whole files in collection order (setup.cfg turns off xdist's
+# own order, most tests first, which ran the one-test files of several minutes last, each alone).
+LONGEST_FIRST = (
+  "test_faults.py",
+  "test_packing.py",
+  "test_train.py",
+  "test_model.py",
+  "test_multiprocess.py",
+  "test_paper.py",
+  "test_predict.py",
+  "test_microbatches.py",
+  "test_aot.py",
+  "test_gallery.py",
+  "test_decode.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

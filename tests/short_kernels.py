@@ -1,9 +1,10 @@
-"""Config overrides for tests about the trainer, not the network (test_model.py covers that).
+"""Config overrides for tests whose subject is not the kernel size: the trainer, packing, reach.
 
 The tiny config's kernel-15 and kernel-5 convolutions unroll into one multiply-add per tap;
 kernel 3 keeps every block (dilations, causal padding, attention queries) at a fraction of the
-ops, so trainer steps trace and compile faster. Both the in-process and the command-line runs
-of a test must use them alike.
+ops, so steps trace and compile faster (test_model.py and test_packing.py check the kernel-15
+and kernel-5 convolutions themselves). Both the in-process and the command-line runs of a test
+must use them alike.
 """
 
 SHORT_KERNELS = {
@@ -16,6 +17,11 @@ def apply(config):
   """`config` with SHORT_KERNELS set (in place); returns it."""
   config.update_from_flattened_dict(SHORT_KERNELS)
   return config
+
+
+def model_overrides() -> dict:
+  """The same overrides as keyword arguments of test_model.tiny_model (fields of config.model)."""
+  return {key.removeprefix("model."): value for key, value in SHORT_KERNELS.items()}
 
 
 def flags() -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
+import short_kernels  # noqa: E402
 
 from mm_jax import aot, grouping  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
@@ -99,7 +100,7 @@ def test_batch_specs_match_what_the_pipeline_yields(tiny_data_dir):
 
 
 def _tiny(tasks, **overrides):
-  config = multimodel_config.get_config(f"tiny,tasks={tasks}")
+  config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={tasks}"))
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -108,7 +109,8 @@ def _tiny(tasks, **overrides):
 def test_tiny_train_step_compiles_for_v5e_8():
   devices = aot.slice_devices("v5e-8")
   assert len(devices) == 8 and {d.platform for d in devices} == {"tpu"}
-  config = _tiny("image_classification+translate_en_de", **{"mesh.data": 2, "mesh.expert": 4})
+  # One task group (text: encoder, MoE, mixer, decoder) keeps libtpu's compile short.
+  config = _tiny("translate_en_de", **{"mesh.data": 2, "mesh.expert": 4})
   result = aot.compile_train_step(config, devices)
   memory = aot.memory_per_device(result.compiled)
   assert 0 < memory["total"] < aot.SLICES["v5e-8"].hbm_bytes

@@ -24,8 +24,8 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-  workdir = trained_tiny.trained_workdir(tmp_path_factory)
+def page(tmp_path_factory, tiny_data_dir):
+  workdir = trained_tiny.trained_workdir(tmp_path_factory, tiny_data_dir)
   out = tmp_path_factory.mktemp("gallery") / "not_yet_made"  # build() makes it
   html_path, png_path = gallery.build(str(workdir), examples=2, output_dir=str(out))
   return html_path, png_path, ["image_classification", "speech_recognition", "translate_en_de"]

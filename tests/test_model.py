@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import short_kernels
 
 from configs.multimodel import get_config
 from mm_jax import sharding
@@ -269,23 +270,25 @@ ONE_TASK_PER_NET = ("text_to_text", "image_to_class", "audio_to_text")
 
 
 def task_losses(model, variables, batches, rngs):
-  out = model.apply(
-    variables, batches, SIGNATURES, train=True, rngs=rngs, method=MultiModel.all_tasks
+  """Through the packed pass the trainer takes (test_packing.py checks it against each group's
+  own): one body to compile instead of one per group."""
+  logits, aux = model.apply(
+    variables, batches, SIGNATURES, train=True, rngs=rngs, method=MultiModel.packed
   )
-  total = 0.0
-  for name, (logits, aux) in out.items():
+  total = aux
+  for name, task_logits in logits.items():
     targets = batches[name]["targets"]
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(task_logits)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    weights = (targets != 0) if logits.ndim == 3 else jnp.ones_like(picked)
-    total = total - (picked * weights).sum() / weights.sum() + aux
+    weights = (targets != 0) if task_logits.ndim == 3 else jnp.ones_like(picked)
+    total = total - (picked * weights).sum() / weights.sum()
   return total
 
 
 def test_gradients_reach_every_parameter():
   # Shorter kernels than tiny's and no dropout: reach depends on neither (dropout has no
   # parameters), and the backward compiles in a fifth less time without the dropout masks.
-  model = tiny_model(ffn="moe", conv_group2=((5, 1), (5, 4)))
+  model = tiny_model(ffn="moe", **short_kernels.model_overrides())
   batches = {k: make_batches(seed=3)[k] for k in ONE_TASK_PER_NET}
   variables = init(model, batches)
   rngs = {"dropout": jax.random.key(1), "gating": jax.random.key(2)}
@@ -305,12 +308,17 @@ def test_gradients_reach_every_parameter():
 # Sharded == unsharded.
 
 
+def packed_logits(model, variables, batches):
+  """{group: logits} of the packed pass the trainer takes: one body to compile, not one a group."""
+  return model.apply(variables, batches, SIGNATURES, train=False, method=MultiModel.packed)[0]
+
+
 @pytest.fixture(scope="module")
 def unsharded():
   model = tiny_model(ffn="dense", num_heads=4)
   batches = {k: make_batches(seed=4)[k] for k in ONE_TASK_PER_NET}
   variables = init(model, batches)
-  return model, variables, batches, forward(model, variables, batches)
+  return model, variables, batches, jit(functools.partial(packed_logits, model))(variables, batches)
 
 
 @pytest.mark.parametrize("mesh_config", [{"data": 2, "model": 4}, {"data": 8}])
@@ -325,11 +333,11 @@ def test_sharded_matches_unsharded(devices, unsharded, mesh_config):
   if mesh_config.get("model", 1) > 1:
     kernel = sharded_vars["params"]["decoder"]["after_0"]["convs"]["group0_step0"]["conv"]
     assert not kernel["pointwise"]["kernel"].value.sharding.is_fully_replicated
-  apply = lambda v, b: model.apply(v, b, SIGNATURES, train=False, method=MultiModel.all_tasks)
+  apply = functools.partial(packed_logits, model)
   with mesh, nn.logical_axis_rules(rules):
     got = jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
   for name in batches:
-    np.testing.assert_allclose(got[name][0], want[name][0], atol=2e-5, rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=2e-5, err_msg=name)
 
 
 # The summary command.

