@@ -22,7 +22,10 @@ def _require(condition: bool, message: str):
 
 
 def _is_number(value) -> bool:
-  """int or float, but not bool: `--config.x=True` is no weight or fraction."""
+  """int or float, but not bool (a bool is an int to isinstance, and no weight or fraction).
+
+  Float fields of a ConfigDict turn True into 1.0 on assignment; this catches fields without a
+  declared type (a task's loss weight added by a config file, a field set to None)."""
   return isinstance(value, int | float) and not isinstance(value, bool)
 
 
