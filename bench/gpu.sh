@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 cd "$(dirname "$0")/.." || exit
 nvidia-smi -L
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
-timeout 240 python3 bench/moe.py --only speed --repeats 20 2>&1 | tee "$out/moe.txt"
+timeout 240 python3 bench/moe.py --only speed --repeats 20 --cores "$(nproc)" 2>&1 | tee "$out/moe.txt"
 timeout 150 python3 bench/model.py --batch 128 --length 64 --configs "default,no_moe;default" \
   2>&1 | tee "$out/model_default.txt"
 timeout 180 python3 bench/model.py --batch 16 --length 256 --configs "paper" --repeats 3 \

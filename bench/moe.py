@@ -65,7 +65,9 @@ def _one_hot_experts(x, routing, w_in, w_out, capacity, layout, dtype):
 
 def pin_to_cores(cores: int) -> str:
   """Confines this process (and XLA's thread pools, sized from it) to `cores` CPUs; call before
-  jax starts. XLA flags alone do not: YNNPACK and the thunk executor still use every core.
+  jax starts. `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`, used here before, did not: with it
+  the dense step still ran in half the time it takes pinned to one core. (On a GPU machine,
+  `bench/gpu.sh` gives the host every core.)
 
   One core (the default) makes the ratio a measure of work, not of how well each layer's ops
   spread over the cores, and keeps other load on the machine off the timed core.
