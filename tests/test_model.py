@@ -47,8 +47,9 @@ def token_ids(rng, length, lengths, vocab=256):
   return ids
 
 
-def make_batches(seed=0):
-  """One batch per task, with ragged real lengths and garbage in padded audio frames."""
+def make_batches(seed=0, groups=None):
+  """One batch per task, with ragged real lengths and garbage in padded audio frames; `groups`
+  picks some (every batch is drawn first, so a group's batch does not depend on the choice)."""
   rng = np.random.default_rng(seed)
   text_lengths = [L_IN, 9, 5, 12, 1, 7, 11, 3]
   target_lengths = [L_OUT, 4, 8, 1, 10, 6, 2, 9]
@@ -56,7 +57,7 @@ def make_batches(seed=0):
   frames_mask = (np.arange(FRAMES)[None, :] < frame_lengths[:, None]).astype(np.float32)
   spaces = np.arange(B, dtype=np.int32) % 5
   image = lambda size: rng.uniform(-1, 1, (B, size, size, 3)).astype(np.float32)
-  return {
+  batches = {
     "text_to_text": {
       "inputs": token_ids(rng, L_IN, text_lengths),
       "targets": token_ids(rng, L_OUT, target_lengths),
@@ -81,6 +82,7 @@ def make_batches(seed=0):
       "targets": rng.integers(0, CLASSES, B),
     },
   }
+  return batches if groups is None else {k: batches[k] for k in groups}
 
 
 def init(model, batches):
@@ -289,7 +291,7 @@ def test_gradients_reach_every_parameter():
   # Shorter kernels than tiny's and no dropout: reach depends on neither (dropout has no
   # parameters), and the backward compiles in a fifth less time without the dropout masks.
   model = tiny_model(ffn="moe", **short_kernels.model_overrides())
-  batches = {k: make_batches(seed=3)[k] for k in ONE_TASK_PER_NET}
+  batches = make_batches(seed=3, groups=ONE_TASK_PER_NET)
   variables = init(model, batches)
   rngs = {"dropout": jax.random.key(1), "gating": jax.random.key(2)}
   grads = jit(jax.grad(lambda v: task_losses(model, v, batches, rngs)))(variables)
@@ -316,7 +318,7 @@ def packed_logits(model, variables, batches):
 @pytest.fixture(scope="module")
 def unsharded():
   model = tiny_model(ffn="dense", num_heads=4)
-  batches = {k: make_batches(seed=4)[k] for k in ONE_TASK_PER_NET}
+  batches = make_batches(seed=4, groups=ONE_TASK_PER_NET)
   variables = init(model, batches)
   return model, variables, batches, jit(functools.partial(packed_logits, model))(variables, batches)
 

@@ -106,7 +106,7 @@ def test_packed_logits_equal_per_group(overrides, groups):
   dense case; the others, one group per modality net: the unpacked reference compiles the body
   once per group)."""
   model = tiny_model(**SHORT, **overrides)
-  batches = {k: v for k, v in make_batches(seed=5).items() if k in groups}
+  batches = make_batches(seed=5, groups=groups)
   variables = init(model, batches)
   want, got = per_group(model, variables, batches), packed(model, variables, batches)
   assert set(got) == set(want)
@@ -118,7 +118,7 @@ def test_packed_gradients_equal_per_group():
   model = tiny_model(ffn="dense", **SHORT)
   # One group per modality net (every parameter), not all five: the unpacked reference runs the
   # body once per group, and its backward is the longest compile of this file.
-  batches = {k: make_batches(seed=6)[k] for k in ONE_TASK_PER_NET}
+  batches = make_batches(seed=6, groups=ONE_TASK_PER_NET)
   params = init(model, batches)["params"]
   weights = {name: jax.random.normal(jax.random.key(i), (8,)) for i, name in enumerate(batches)}
 
