@@ -171,6 +171,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.eps = 1e-6
   o.grad_clip_norm = 2.0
   o.weight_decay = 0.0
+  # Clip and Adam on all parameters as one vector: the same update from a program with ~600
+  # fewer kernels (the default step compiles 10-15 CPU-s faster). Needs every parameter
+  # replicated, so only where nothing splits them (tiny runs on expert- and model-split meshes).
+  o.flatten = size == "default"
   c.optimizer = o
 
   t = ml_collections.ConfigDict()

@@ -1,7 +1,9 @@
 """Adam with global-norm clipping and a warm-up/decay schedule, all from `config.optimizer`."""
 
+import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 
 def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
@@ -35,9 +37,16 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  """With `opt_config.flatten`, the clip and Adam see every parameter as one vector.
+
+  The update is the same elementwise math; what changes is the program. Per leaf, the norm, the
+  moments and the update are separate kernels: the default model's 252 leaves made about 600 of
+  its step's 3466 fusions. In one vector the step compiled in 10-15 fewer CPU-seconds on 2 cores
+  (README). The vector is replicated, so it needs every parameter replicated (validation.py).
+  """
   adam = optax.adamw if opt_config.weight_decay else optax.adam
   kwargs = {"weight_decay": opt_config.weight_decay} if opt_config.weight_decay else {}
-  return optax.chain(
+  chain = optax.chain(
     optax.clip_by_global_norm(opt_config.grad_clip_norm),
     adam(
       learning_rate_schedule(opt_config, num_steps),
@@ -47,3 +56,14 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
       **kwargs,
     ),
   )
+  return optax.flatten(chain) if is_flat(opt_config) else chain
+
+
+def is_flat(opt_config) -> bool:
+  return bool(opt_config.get("flatten", False))  # configs saved before the field: per leaf
+
+
+def global_norm(grads, flat: bool) -> jax.Array:
+  """The gradients' global norm as the clip computes it (`flat`: on one vector), so that XLA
+  computes it once."""
+  return optax.global_norm(ravel_pytree(grads)[0] if flat else grads)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -239,11 +238,13 @@ def train_step(
   loss_weights=None,
   inject_nonfinite_steps=(),
   microbatches=1,
+  flat_optimizer=False,
 ):
   """One optimizer update from every task group; skipped (and counted) if anything is non-finite.
 
   `microbatches` > 1 (config.train.microbatches) computes the same update in that many
   sequential pieces: less activation memory for the same batch (accumulated_gradients).
+  `flat_optimizer` says that `tx` sees the parameters as one vector (config.optimizer.flatten).
   """
 
   def loss_fn(params, batches, rng, token_counts=None, aux_weight=1.0):
@@ -269,7 +270,7 @@ def train_step(
       loss_fn, state.params, batches, plan, rng, microbatches
     )
   grads = inject_nonfinite(grads, state.step, inject_nonfinite_steps)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optimizer.global_norm(grads, flat_optimizer)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   # A branch, not a select per leaf of (params, mu, nu): the default step compiled ~10 CPU-s
@@ -431,6 +432,7 @@ def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardin
     loss_weights=dict(config.train.get("loss_weights") or {}),
     inject_nonfinite_steps=tuple(config.train.get("inject_nonfinite_steps", ())),
     microbatches=config.train.get("microbatches", 1),
+    flat_optimizer=optimizer.is_flat(config.optimizer),
   )
   return jax.jit(
     step_fn,

@@ -44,7 +44,7 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   rules = sharding.config_rules(config)
   _validate_model(config.model, mesh, sharding.mesh_axes_of(rules, "expert"))
-  _validate_optimizer(config.optimizer)
+  _validate_optimizer(config.optimizer, mesh, rules)
   _validate_train(config.train)
   _validate_data(config, mesh)
   if check_data:
@@ -103,7 +103,7 @@ def _validate_model(m, mesh, expert_axes):
     moe.validate_moe_config(m.moe, mesh, expert_axes)
 
 
-def _validate_optimizer(o):
+def _validate_optimizer(o, mesh, rules):
   _require(
     isinstance(o.learning_rate, int | float) and o.learning_rate > 0,
     f"config.optimizer.learning_rate={o.learning_rate!r}: use a positive number",
@@ -128,6 +128,17 @@ def _validate_optimizer(o):
     o.grad_clip_norm > 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm!r}: use a value > 0"
   )
   _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
+  if o.get("flatten", False):
+    # One replicated vector holds every parameter: none may be split. `batch` and `group` name
+    # activations only; every other logical axis may be a parameter's.
+    for name, _ in rules:
+      for axis in () if name in ("batch", "group") else sharding.mesh_axes_of(rules, name):
+        _require(
+          mesh[axis] == 1,
+          f"config.optimizer.flatten=True keeps the optimizer state in one replicated vector, "
+          f"but parameter axis {name!r} is split over mesh axis {axis!r} ({mesh[axis]} devices): "
+          "set --config.optimizer.flatten=False",
+        )
 
 
 def _validate_train(t):

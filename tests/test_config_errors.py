@@ -58,6 +58,10 @@ CASES = {
   "mesh_two_fills": ({"mesh.expert": -1}, "config.mesh"),
   "mesh_fill_impossible": ({"mesh.expert": 3}, "config.mesh.data"),
   "mesh_zero_axis": ({"mesh.model": 0}, "config.mesh.model"),
+  "flat_optimizer_on_split_parameters": (
+    {"optimizer.flatten": True, "mesh.data": 2, "mesh.expert": 4},
+    "config.optimizer.flatten",
+  ),
   "learning_rate_zero": ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate"),
   "unknown_decay": ({"optimizer.decay": "linear"}, "config.optimizer.decay"),
   "wsd_no_cooldown": (

@@ -89,6 +89,18 @@ def test_resume_continues_with_identical_losses(data_dir, one_device_run, tmp_pa
   np.testing.assert_array_equal(losses_of(second), one_device_run[1][2:])
 
 
+def test_flat_optimizer_equals_per_leaf_across_a_resume(data_dir, one_device_run, tmp_path):
+  """config.optimizer.flatten (clip and Adam on one vector) on a data-parallel mesh: the losses
+  of the per-leaf optimizer on one device, also after a restore from its checkpoint."""
+  flat = {"optimizer.flatten": True, "mesh.data": 8}
+  config = tiny_config(data_dir, **flat, **{"train.num_steps": 2})
+  first = train.train_and_evaluate(config, str(tmp_path))
+  second = train.train_and_evaluate(tiny_config(data_dir, **flat), str(tmp_path))
+  assert [step for step, _ in second["train"]] == [3, 4]
+  losses = np.concatenate([losses_of(first), losses_of(second)])
+  np.testing.assert_allclose(losses, one_device_run[1], rtol=2e-5, atol=2e-5)
+
+
 def test_loss_decreases_on_a_fixed_batch(data_dir, tmp_path):
   # The optimizer of the other one-device runs (the step is compiled with its learning rate
   # schedule, so this run reuses their compiled step). Seen: the loss falls at every step, to
