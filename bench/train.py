@@ -80,7 +80,8 @@ INPUT_GOAL = 1.0  # issue #4 asks for 3x headroom; #5's bar is "never the bottle
 # Trainer log lines that end each start-up piece (mm_jax/main.py and mm_jax/train.py).
 _MARKERS = (
   ("imports (python, jax, tf, mm_jax)", "devices:"),
-  ("init trace, data ready (the step compiles meanwhile)", "first batch read"),
+  ("init trace, train step trace + lower", "train step traced and lowered in"),
+  ("data ready (the step compiles meanwhile)", "first batch read"),
   ("init compile + run (the step compiles meanwhile)", "parameters:"),
   ("train step compile (the part not overlapped)", "train step compiled in"),
 )
