@@ -129,10 +129,11 @@ def _validate_optimizer(o, mesh, rules):
   )
   _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
   if o.get("flatten", False):
-    # One replicated vector holds every parameter: none may be split. `batch` and `group` name
-    # activations only; every other logical axis may be a parameter's.
+    # One replicated vector holds every parameter: none may be split. These logical axes name
+    # activations only (no parameter of mm_jax/models has them); every other may be a parameter's.
+    activations_only = ("batch", "group", "length", "capacity")
     for name, _ in rules:
-      for axis in () if name in ("batch", "group") else sharding.mesh_axes_of(rules, name):
+      for axis in () if name in activations_only else sharding.mesh_axes_of(rules, name):
         _require(
           mesh[axis] == 1,
           f"config.optimizer.flatten=True keeps the optimizer state in one replicated vector, "

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import multimodel as multimodel_config  # noqa: E402
 
-from mm_jax import train  # noqa: E402
+from mm_jax import train, validation  # noqa: E402
 from mm_jax.sharding import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +120,21 @@ def test_invalid_config_is_one_line_naming_the_field(name, tmp_path):
   config = multimodel_config.get_config("tiny")
   config.update_from_flattened_dict(overrides)
   _expect_config_error(config, tmp_path / "work", field)
+
+
+def test_flat_optimizer_on_split_activations_only():
+  """The counterpart of `flat_optimizer_on_split_parameters`: sequences split over `model` while
+  every parameter axis stays whole is a valid mesh for one replicated optimizer vector."""
+  config = multimodel_config.get_config("tiny")
+  overrides = {"optimizer.flatten": True, "mesh.data": 4, "mesh.model": 2}
+  for name in ("mlp", "heads", "vocab", "expert_mlp"):
+    overrides[f"mesh_rules.{name}"] = ""
+  overrides["mesh_rules.length"] = "model"
+  config.update_from_flattened_dict(overrides)
+  validation.validate(config, num_devices=8, check_data=False)
+  config.mesh_rules.vocab = "model"
+  with pytest.raises(ConfigError, match="config.optimizer.flatten.*'vocab'"):
+    validation.validate(config, num_devices=8, check_data=False)
 
 
 def test_paper_mixture_without_its_data_dir(tmp_path):
