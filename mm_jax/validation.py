@@ -103,6 +103,11 @@ def _validate_model(m, mesh, expert_axes):
     moe.validate_moe_config(m.moe, mesh, expert_axes)
 
 
+# Logical axes that name activations only: no parameter of mm_jax/models has them
+# (tests/test_model.py checks), so splitting them leaves every parameter whole.
+ACTIVATION_ONLY_AXES = ("batch", "group", "length", "capacity")
+
+
 def _validate_optimizer(o, mesh, rules):
   _require(
     isinstance(o.learning_rate, int | float) and o.learning_rate > 0,
@@ -129,11 +134,9 @@ def _validate_optimizer(o, mesh, rules):
   )
   _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
   if o.get("flatten", False):
-    # One replicated vector holds every parameter: none may be split. These logical axes name
-    # activations only (no parameter of mm_jax/models has them); every other may be a parameter's.
-    activations_only = ("batch", "group", "length", "capacity")
+    # One replicated vector holds every parameter: none may be split.
     for name, _ in rules:
-      for axis in () if name in activations_only else sharding.mesh_axes_of(rules, name):
+      for axis in () if name in ACTIVATION_ONLY_AXES else sharding.mesh_axes_of(rules, name):
         _require(
           mesh[axis] == 1,
           f"config.optimizer.flatten=True keeps the optimizer state in one replicated vector, "

@@ -11,7 +11,7 @@ import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import sharding
+from mm_jax import sharding, validation
 from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel, TaskSignature
 from mm_jax.models.summary import summary
@@ -340,6 +340,27 @@ def test_sharded_matches_unsharded(devices, unsharded, mesh_config):
     got = jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
   for name in batches:
     np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_no_parameter_has_an_activation_only_axis():
+  """config.optimizer.flatten (one replicated optimizer vector) is allowed where only these logical
+  axes are split (validation.py): no parameter may carry one."""
+  model = tiny_model()
+  batches = make_batches(seed=0)
+  variables = jax.eval_shape(
+    lambda rng: model.init(
+      {"params": rng}, batches, SIGNATURES, train=False, method=MultiModel.all_tasks
+    ),
+    jax.random.key(0),
+  )
+  specs = jax.tree.leaves(nn.get_partition_spec(variables["params"]), is_leaf=_is_spec)
+  names = {name for spec in specs for name in spec if name}
+  assert {"embed", "expert", "mlp", "vocab"} <= names, names  # the walk reached the parameters
+  assert not names & set(validation.ACTIVATION_ONLY_AXES)
+
+
+def _is_spec(x):
+  return isinstance(x, jax.sharding.PartitionSpec)
 
 
 # The summary command.
