@@ -85,11 +85,14 @@ def make_batches(seed=0, groups=None):
   return batches if groups is None else {k: batches[k] for k in groups}
 
 
-def init(model, batches):
-  fn = lambda rng: model.init(
+def init_fn(model, batches):
+  return lambda rng: model.init(
     {"params": rng}, batches, SIGNATURES, train=False, method=MultiModel.all_tasks
   )
-  return jit(fn)(jax.random.key(0))
+
+
+def init(model, batches):
+  return jit(init_fn(model, batches))(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -346,13 +349,7 @@ def test_no_parameter_has_an_activation_only_axis():
   """config.optimizer.flatten (one replicated optimizer vector) is allowed where only these logical
   axes are split (validation.py): no parameter may carry one."""
   model = tiny_model()
-  batches = make_batches(seed=0)
-  variables = jax.eval_shape(
-    lambda rng: model.init(
-      {"params": rng}, batches, SIGNATURES, train=False, method=MultiModel.all_tasks
-    ),
-    jax.random.key(0),
-  )
+  variables = jax.eval_shape(init_fn(model, make_batches(seed=0)), jax.random.key(0))
   specs = jax.tree.leaves(nn.get_partition_spec(variables["params"]), is_leaf=_is_spec)
   names = {name for spec in specs for name in spec if name}
   assert {"embed", "expert", "mlp", "vocab"} <= names, names  # the walk reached the parameters
