@@ -73,13 +73,13 @@ def base_config(config_arg: str, overrides=()):
 
 def plan_runs(config_arg: str, steps: int, overrides=()) -> dict[str, list[str]]:
   """Run name -> the trainer's config flags, in the order they run."""
-  from mm_jax.data import pipeline
+  from mm_jax.data import layout
 
   config, variant = base_config(config_arg, overrides)
   parts = [p for p in (variant or "default").split(",") if p]
   size, modifiers = parts[0], [p for p in parts[1:] if not p.startswith("tasks=")]
   tasks = [t for t in config.data.tasks.split(",") if t]
-  shares = pipeline.task_batch_sizes(config, data_parallel=1)
+  shares = layout.task_batch_sizes(config, data_parallel=1)
   path = config_arg.partition(":")[0]
   default_steps = config.train.num_steps
   warmup = max(1, round(config.optimizer.warmup_steps * steps / default_steps))
@@ -283,9 +283,9 @@ def tables(results, tasks, steps, sizes) -> str:
 
 def train_examples(config, tasks) -> dict[str, int]:
   """Training examples per task, from the prepared datasets' TFDS metadata."""
-  from mm_jax.data import pipeline
+  from mm_jax.data import layout, pipeline
 
-  registry = pipeline.build_tasks(config)
+  registry = layout.build_tasks(config)
   sizes = {}
   for task in tasks:
     split = registry[task].source.train_split

@@ -31,7 +31,7 @@ from jax.experimental import mesh_utils, topologies  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from mm_jax import optimizer, sharding, train, validation  # noqa: E402
-from mm_jax.data import pipeline  # noqa: E402
+from mm_jax.data import layout  # noqa: E402
 from mm_jax.models.multimodel import MultiModel  # noqa: E402
 from mm_jax.sharding import ConfigError  # noqa: E402
 
@@ -129,8 +129,8 @@ def compile_train_step(config, devices, num_slices: int = 1) -> Compiled:
   validation.validate(config, num_devices=len(devices), check_data=False)
   mesh = slice_mesh(config.mesh, devices, num_slices)
   rules = sharding.config_rules(config)
-  tasks = pipeline.build_tasks(config)
-  sizes = pipeline.task_batch_sizes(config, sharding.data_parallel_size(mesh))
+  tasks = layout.build_tasks(config)
+  sizes = layout.task_batch_sizes(config, sharding.data_parallel_size(mesh))
   plan, batch_specs = train.step_batch_specs(config, tasks, sizes)
 
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))

@@ -61,7 +61,7 @@ def merge_batches(plan, task_batches: dict[str, dict]) -> dict[str, dict]:
 
 
 def batch_specs(example_shapes: dict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """One task's batch as shapes, from pipeline.example_shapes: {key: (shape, dtype)}."""
+  """One task's batch as shapes, from layout.example_shapes: {key: (shape, dtype)}."""
   return {
     key: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
     for key, (shape, dtype) in example_shapes.items()

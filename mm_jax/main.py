@@ -91,10 +91,6 @@ def main(argv):
   _quiet_library_logs()
   import jax
 
-  # TensorFlow only feeds data: keep it off any accelerator JAX is using.
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], "GPU")
   if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

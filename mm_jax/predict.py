@@ -64,7 +64,7 @@ def load_run(workdir: str, config=None) -> Run:
   import ml_collections
 
   from mm_jax import optimizer, sharding, train
-  from mm_jax.data import pipeline, tokenizer
+  from mm_jax.data import layout, tokenizer
   from mm_jax.models.multimodel import MultiModel
 
   config = load_config(workdir, config)
@@ -73,7 +73,7 @@ def load_run(workdir: str, config=None) -> Run:
     raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.config_rules(config)
-  tasks = pipeline.build_tasks(config)
+  tasks = layout.build_tasks(config)
   rows = sharding.data_parallel_size(mesh)  # any batch gives the params' shapes
   plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, rows))
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
@@ -81,7 +81,7 @@ def load_run(workdir: str, config=None) -> Run:
   init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
   abstract, shardings = train.state_layout(init, specs, mesh, rules)
   step, state = _restore_state(directory, abstract, shardings)
-  needs_text = bool(pipeline.text_task_names(config))
+  needs_text = bool(layout.text_task_names(config))
   tok = tokenizer.load_or_train(config) if needs_text else None
   return Run(config, model, state.params, step, mesh, rules, tasks, plan, tok)
 
@@ -127,9 +127,9 @@ def text_example(config, task, tok, text: str) -> dict:
   """Token ids padded to the task's input length, truncated as the pipeline truncates (EOS kept)."""
   if not text.strip():
     raise PredictError("empty sentence")
-  from mm_jax.data import pipeline
+  from mm_jax.data import layout
 
-  max_len = pipeline.text_length(config, task.name, "inputs")
+  max_len = layout.text_length(config, task.name, "inputs")
   ids = tok.encode(text)
   if len(ids) > max_len:
     print(f"predict: note: input cut to {max_len} tokens", file=sys.stderr)
@@ -144,7 +144,7 @@ def image_example(config, task, data: bytes, name: str = "image") -> dict:
   import PIL.Image
   import tensorflow as tf
 
-  from mm_jax.data import pipeline
+  from mm_jax.data import layout, pipeline
 
   try:
     with PIL.Image.open(io.BytesIO(data)) as image:
@@ -155,7 +155,7 @@ def image_example(config, task, data: bytes, name: str = "image") -> dict:
     raise PredictError(f"{name}: not a readable PNG or JPEG image") from None
   if width * height > MAX_IMAGE_PIXELS:
     raise PredictError(f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
-  pixels = pipeline._image(tf.constant(data), pipeline.image_size(config, task))
+  pixels = pipeline._image(tf.constant(data), layout.image_size(config, task))
   return {"inputs": pixels.numpy().astype(np.float32)}
 
 

@@ -171,7 +171,7 @@ def _validate_train(t):
 
 
 def _validate_data(config, mesh):
-  from mm_jax.data import pipeline, tasks
+  from mm_jax.data import layout, tasks
 
   d = config.data
   mixtures = ("embedded", "paper")
@@ -202,7 +202,7 @@ def _validate_data(config, mesh):
       f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
     )
   data_parallel = mesh["data"] * mesh["expert"]
-  sizes = pipeline.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+  sizes = layout.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
   microbatches = config.train.get("microbatches", 1)
   for name, size in sizes.items():
     per_shard = size // data_parallel
@@ -221,7 +221,7 @@ def _check_paper_sources(config):
     return
   import tensorflow_datasets as tfds
 
-  from mm_jax.data import pipeline, ptb  # noqa: F401  (ptb registers mm_penn_treebank)
+  from mm_jax.data import layout, pipeline, ptb  # noqa: F401  (ptb registers mm_penn_treebank)
 
   root = pipeline.tfds_data_dir(config)
   if "://" not in root and not os.path.isdir(root):
@@ -229,7 +229,7 @@ def _check_paper_sources(config):
       f"config.data.data_dir={config.data.data_dir!r}: directory {root} does not exist; the paper "
       "mixture needs its TFDS datasets prepared there"
     )
-  for task in pipeline.build_tasks(config).values():
+  for task in layout.build_tasks(config).values():
     source = task.source
     if tfds.builder(source.tfds_name, data_dir=root).is_prepared():
       continue

@@ -12,7 +12,7 @@ import short_kernels
 
 from configs.multimodel import get_config
 from mm_jax import aot, grouping, sharding, train, validation
-from mm_jax.data import pipeline
+from mm_jax.data import layout, pipeline
 from mm_jax.models.multimodel import MultiModel
 from mm_jax.sharding import ConfigError
 
@@ -44,8 +44,8 @@ def gradient_recorder():
 def real_batch(tiny_data_dir):
   config = config_with(tiny_data_dir, 1)
   pipeline.ensure_prepared(config)
-  tasks = pipeline.build_tasks(config)
-  plan, specs = train.step_batch_specs(config, tasks, pipeline.task_batch_sizes(config, 8))
+  tasks = layout.build_tasks(config)
+  plan, specs = train.step_batch_specs(config, tasks, layout.task_batch_sizes(config, 8))
   first = next(pipeline.TrainIterator(config, data_parallel=8))
   return plan, specs, grouping.merge_batches(plan, first)
 

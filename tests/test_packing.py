@@ -23,7 +23,7 @@ from test_model import (
 
 from configs.multimodel import get_config
 from mm_jax import optimizer, sharding, train
-from mm_jax.data import pipeline
+from mm_jax.data import layout
 from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel
 from mm_jax.models.packing import Packing
@@ -160,7 +160,7 @@ def test_one_packed_init_equals_each_group_initialised_alone(devices):
   """train.init_state builds every param in one packed pass; per-group init, merged, is the
   reference (a param's value depends on its path only). No data is read: shapes from the config."""
   config = short_kernels.apply(get_config("tiny"))
-  tasks = pipeline.build_tasks(config)
+  tasks = layout.build_tasks(config)
   plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 2))
   assert len(plan) == 4, [g.name for g in plan]  # every modality net and the decoder
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
@@ -195,7 +195,7 @@ def test_rbg_init_is_the_same_on_any_mesh(devices):
   so a sharded init equals the one-device init (threefry's is covered by test_train.py's runs)."""
   config = short_kernels.apply(get_config("tiny,tasks=translate_en_de"))
   config.train.init_prng_impl = "rbg"
-  tasks = pipeline.build_tasks(config)
+  tasks = layout.build_tasks(config)
   plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 8))
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)

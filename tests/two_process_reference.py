@@ -53,7 +53,7 @@ def main(workdir, data_dir, tasks, overrides):
   config = short_kernels.apply(multimodel_config.get_config(f"tiny,tasks={tasks}"))
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(json.loads(overrides))
-  train.pipeline.TrainIterator = TwoProcessData
+  pipeline.TrainIterator = TwoProcessData  # train.py reads the class from the module at run time
   result = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "losses.json"), "w") as f:
     json.dump([metrics["loss"] for _, metrics in result["train"]], f)

@@ -9,7 +9,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mm_jax.data import pipeline
+from mm_jax.data import layout, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multimodel.py", "Config file.")
 _EXAMPLES = flags.DEFINE_integer("examples", 3, "Decoded examples to show per task.")
@@ -41,7 +41,7 @@ def _length_line(batch: dict) -> str:
 
 
 def inspect(config, num_examples: int) -> None:
-  tasks = pipeline.build_tasks(config)
+  tasks = layout.build_tasks(config)
   it = pipeline.TrainIterator(config, data_parallel=1)
   tokenizer = it.tokenizer
   step = next(it)

@@ -12,8 +12,6 @@ batches consumed per task: a resumed iterator replays the same pipeline and skip
 batches, giving exactly the batches the first run would have seen next.
 """
 
-import hashlib
-import json
 import os
 import zlib
 from collections.abc import Iterator
@@ -21,10 +19,9 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from flax.traverse_util import flatten_dict
+from absl import logging
 
-from mm_jax import sharding
-from mm_jax.data import features
+from mm_jax.data import features, layout
 from mm_jax.data import tasks as tasks_lib
 from mm_jax.data import tokenizer as tokenizer_lib
 
@@ -37,8 +34,15 @@ _AUTOTUNE = tf.data.AUTOTUNE
 # a tensor decides), so autograph's source rewrite is not needed. It cost ~4 s of the first batch.
 _as_written = tf.autograph.experimental.do_not_convert
 
+# TensorFlow only feeds data: keep it off any accelerator JAX is using. (Only possible before its
+# first op; a process that ran one before importing this module keeps the devices it had.)
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError as error:
+  logging.warning("TensorFlow keeps its GPUs: %s", error)
 
-# --- config -> names, paths, tasks, batch sizes ----------------------------------------------
+
+# --- config -> paths (tasks, batch sizes, shapes: layout.py) ----------------------------------
 
 
 def data_root(config) -> str:
@@ -56,80 +60,6 @@ def tfds_data_dir(config) -> str:
   if config.data.mixture == "embedded":
     return os.path.join(data_root(config), f"embedded_{config.data.embedded_scale}")
   return data_root(config)
-
-
-def task_names(config) -> list[str]:
-  names = [n.strip() for n in str(config.data.tasks).split(",") if n.strip()]
-  if not names:
-    raise sharding.ConfigError("config.data.tasks is empty: name at least one task")
-  return names
-
-
-def build_tasks(config) -> dict[str, tasks_lib.Task]:
-  return {name: tasks_lib.resolve(name, config.data.mixture) for name in task_names(config)}
-
-
-def text_task_names(config) -> list[str]:
-  return [
-    name
-    for name, task in build_tasks(config).items()
-    if "language" in (task.signature.input_modality, task.signature.target_modality)
-  ]
-
-
-def task_weight(config, name: str) -> float:
-  weights = config.data.get("weights") or {}
-  return float(weights.get(name, tasks_lib.TASKS[name].default_weight))
-
-
-def text_length(config, task_name: str, field: str) -> int:
-  """Padded length of a task's "inputs" or "targets" text: config.data.max_text_length unless
-  config.data.input_lengths / target_lengths name the task (short transcripts need not pay for
-  the longest translation)."""
-  overrides = config.data.get("input_lengths" if field == "inputs" else "target_lengths") or {}
-  return int(overrides.get(task_name, config.data.max_text_length))
-
-
-def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
-  """Global per-task batch sizes: global_batch_size split by weight, each a multiple of dp."""
-  names = task_names(config)
-  weights = {n: task_weight(config, n) for n in names}
-  for name, w in weights.items():
-    if w <= 0:
-      raise sharding.ConfigError(
-        f"config.data.weights.{name}={w}: use a positive weight or drop {name} from data.tasks"
-      )
-  total = sum(weights.values())
-  sizes = {}
-  for name in names:
-    share = config.data.global_batch_size * weights[name] / total
-    size = int(round(share / data_parallel)) * data_parallel
-    if size <= 0:
-      need = int(np.ceil(data_parallel * total / weights[name]))
-      raise sharding.ConfigError(
-        f"config.data.weights.{name} gives {name} {share:.2f} examples per step, fewer than the "
-        f"data-parallel degree {data_parallel}: set config.data.global_batch_size >= {need}"
-      )
-    sizes[name] = size
-  return sizes
-
-
-def local_batch_sizes(config, data_parallel: int, process_count: int) -> dict[str, int]:
-  sizes = task_batch_sizes(config, data_parallel)
-  for name, size in sizes.items():
-    if size % process_count:
-      raise sharding.ConfigError(
-        f"task {name} batch {size} does not split over {process_count} processes: make "
-        "config.data.global_batch_size a multiple of the process count times the task count"
-      )
-  return {name: size // process_count for name, size in sizes.items()}
-
-
-def data_parallel_from_config(config) -> int:
-  import jax
-
-  shape = sharding.mesh_shape(config.mesh, jax.device_count())
-  return shape["data"] * shape["expert"]
 
 
 def _task_seed(config, name: str, process_index: int) -> int:
@@ -244,35 +174,6 @@ def _audio(samples: tf.Tensor, max_frames: int, num_mel_bins: int) -> dict:
   }
 
 
-def image_size(config, task) -> int:
-  if task.signature.target_modality == "categorical":
-    return int(config.data.image_size)
-  return int(config.data.caption_image_size)
-
-
-def example_shapes(config, task) -> dict[str, tuple[tuple[int, ...], type]]:
-  """{key: (shape, dtype)} of one training example as this pipeline builds it, without data."""
-  sig = task.signature
-  if sig.input_modality == "language":
-    shapes = {"inputs": ((text_length(config, task.name, "inputs"),), np.int32)}
-  elif sig.input_modality == "image":
-    size = image_size(config, task)
-    shapes = {"inputs": ((size, size, int(config.model.image_channels)), np.float32)}
-  else:
-    frames = int(config.data.max_audio_frames)
-    shapes = {
-      "inputs": ((frames, _num_mel_bins(config)), np.float32),
-      "inputs_mask": ((frames,), np.float32),
-    }
-  categorical = sig.target_modality == "categorical"
-  shapes["targets"] = (
-    () if categorical else (text_length(config, task.name, "targets"),),
-    np.int32,
-  )
-  shapes["target_space"] = ((), np.int32)
-  return shapes
-
-
 def _featurize(config, task, seed: int):
   """(index, raw example) -> model fields plus flags; may raise on corrupt records."""
   modality = task.signature.input_modality
@@ -281,9 +182,11 @@ def _featurize(config, task, seed: int):
     fields = task.source.adapter(raw, tf.stack([tf.constant(seed, tf.int64), index]))
     out = {"_index": index, "_empty": tf.constant(False), "_too_long": tf.constant(False)}
     if modality == "image":
-      out["inputs"] = _image(fields["image"], image_size(config, task))
+      out["inputs"] = _image(fields["image"], layout.image_size(config, task))
     elif modality == "audio":
-      out.update(_audio(fields["speech"], int(config.data.max_audio_frames), _num_mel_bins(config)))
+      out.update(
+        _audio(fields["speech"], int(config.data.max_audio_frames), layout.num_mel_bins(config))
+      )
     if "label" in fields:
       out["targets"] = tf.cast(fields["label"], tf.int32)
     for key in ("input_text", "target_text"):
@@ -294,15 +197,11 @@ def _featurize(config, task, seed: int):
   return fn
 
 
-def _num_mel_bins(config) -> int:
-  return int(config.model.get("audio_num_mel_bins", 40))
-
-
 def _tokenize_chunk(config, task, tokenizer):
   """A chunk of examples -> ids padded to the task's text lengths, plus the text as encoded."""
   keys = [k for k in ("input_text", "target_text") if _has_text(task, k)]
   fields = ["inputs" if k == "input_text" else "targets" for k in keys]
-  max_lens = [text_length(config, task.name, field) for field in fields]
+  max_lens = [layout.text_length(config, task.name, field) for field in fields]
   text_fn = task.source.text_fn
 
   def py(*texts):
@@ -503,9 +402,10 @@ class TrainIterator:
   ):
     self.config = config
     self.process_index, self.process_count = process_index, process_count
-    self.tasks = build_tasks(config)
-    dp = data_parallel or data_parallel_from_config(config)
-    self.batch_sizes = local_batch_sizes(config, dp, process_count)
+    self.tasks = layout.build_tasks(config)
+    dp = data_parallel or layout.data_parallel_from_config(config)
+    self.layout = layout.read_layout(config, dp, process_index, process_count)
+    self.batch_sizes = self.layout.batch_sizes
     self._tokenizer = tokenizer
     self._consumed = {name: 0 for name in self.tasks}
     self._counters = {name: dict.fromkeys(STATS, 0) for name in self.tasks}
@@ -514,7 +414,7 @@ class TrainIterator:
   @property
   def tokenizer(self) -> tokenizer_lib.Tokenizer | None:
     """Loaded (or trained) on first use; None when no selected task has text."""
-    if self._tokenizer is None and text_task_names(self.config):
+    if self._tokenizer is None and layout.text_task_names(self.config):
       self._tokenizer = tokenizer_lib.load_or_train(self.config)
     return self._tokenizer
 
@@ -548,48 +448,17 @@ class TrainIterator:
     """Per task: records seen, kept, and dropped (errors/empty/too_long) or truncated so far."""
     return {name: dict(c) for name, c in self._counters.items()}
 
-  def _data_settings(self) -> dict:
-    return {k: v for k, v in self.config.data.to_dict().items() if k != "data_dir"}
-
-  def _fingerprint(self) -> str:
-    settings = [self._data_settings(), self.batch_sizes, self.process_index, self.process_count]
-    return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
-
-  def _layout(self) -> dict:
-    """What a saved position depends on, by name: the data config (not where the data lives),
-    each task's batch size here, and which process of how many reads."""
-    layout = {"config.data": self._data_settings(), "local batch size": self.batch_sizes}
-    layout["process (index, count)"] = [self.process_index, self.process_count]
-    return json.loads(json.dumps(layout, default=str))
-
   def get_state(self) -> dict:
     return {
       "version": 1,
-      "fingerprint": self._fingerprint(),
-      "layout": self._layout(),  # names what changed when a resume does not match
+      "fingerprint": self.layout.fingerprint(),
+      "layout": self.layout.describe(),  # names what changed when a resume does not match
       "batches": dict(self._consumed),
       "counters": self.counters(),
     }
 
-  def check_state(self, state: dict) -> None:
-    """Raises ConfigError (one line) unless this iterator can continue from `state`: the same
-    data config, batch sizes and process layout. A position in other batches is no position."""
-    if state.get("fingerprint") == self._fingerprint() and set(state["batches"]) == set(self.tasks):
-      return
-    saved, here = (flatten_dict(x, sep=".") for x in (state.get("layout", {}), self._layout()))
-    changed = [k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)]
-    named = (
-      ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
-      if saved
-      else "data config, batch sizes or process layout (not recorded in this checkpoint)"
-    )
-    raise sharding.ConfigError(
-      f"the checkpoint's data position was saved with other data settings ({named}): resume "
-      "with the config.data, mesh and process count that wrote it, or use a new --workdir"
-    )
-
   def set_state(self, state: dict) -> None:
-    self.check_state(state)
+    self.layout.check(state)
     self._consumed = {name: int(n) for name, n in state["batches"].items()}
     self._counters = {name: dict(c) for name, c in state.get("counters", {}).items()}
     self._iterators = None
@@ -610,10 +479,10 @@ def eval_batches(
   Padding rows are all zeros (targets 0 = pad, so token losses ignore them); categorical metrics
   should weight by `raw_valid`. Language tasks carry `raw_inputs` / `raw_targets` text (bytes).
   """
-  task = build_tasks(config)[task_name]
-  dp = data_parallel or data_parallel_from_config(config)
-  batch_size = local_batch_sizes(config, dp, process_count)[task_name]
-  if tokenizer is None and task_name in text_task_names(config):
+  task = layout.build_tasks(config)[task_name]
+  dp = data_parallel or layout.data_parallel_from_config(config)
+  batch_size = layout.local_batch_sizes(config, dp, process_count)[task_name]
+  if tokenizer is None and task_name in layout.text_task_names(config):
     tokenizer = tokenizer_lib.load_or_train(config)
   ds = eval_dataset(
     config,
@@ -648,8 +517,8 @@ def tokenizer_training_text(config) -> list[str]:
   """Every text field of the selected text tasks' train splits (capped per dataset)."""
   limit = int(config.data.get("tokenizer_sentences_per_task", 100_000))
   texts, seen_sources = [], set()
-  for name in text_task_names(config):
-    task = build_tasks(config)[name]
+  for name in layout.text_task_names(config):
+    task = layout.build_tasks(config)[name]
     if task.source.tfds_name in seen_sources:
       continue  # both directions of a language pair read the same dataset
     seen_sources.add(task.source.tfds_name)

@@ -14,12 +14,14 @@ A source's `adapter` maps a raw TFDS example to the canonical fields the pipelin
 Adding a task is adding one entry to TASKS; nothing else changes. LibriSpeech stands in for the
 paper's WSJ speech (TFDS has no WSJ); WSJ parsing comes from Penn Treebank .mrg files the user owns
 (mm_jax/data/ptb.py).
+
+TensorFlow is imported inside the adapters that use it: the trainer resolves its tasks before
+TensorFlow is loaded (see layout.py).
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping
-
-import tensorflow as tf
+from typing import Any
 
 from mm_jax.data import trees
 from mm_jax.models.signature import TaskSignature
@@ -32,9 +34,9 @@ class Source:
   tfds_name: str
   train_split: str
   eval_split: str
-  # (raw example, stateless seed [2]) -> canonical fields; heavy features read with .get so the
-  # same adapter also serves text-only reads (tokenizer training) that skip them.
-  adapter: Callable[[dict, tf.Tensor], dict]
+  # (raw example, stateless seed: a tf.Tensor [2]) -> canonical fields; heavy features read with
+  # .get so the same adapter also serves text-only reads (tokenizer training) that skip them.
+  adapter: Callable[[dict, Any], dict]
   num_classes: int = 0
   # Features to read when only text is wanted (None: all of them).
   text_features: tuple[str, ...] | None = None
@@ -102,6 +104,8 @@ def _embedded_caption(ex, seed):
 
 def _coco_caption(ex, seed):
   """One of the image's captions, drawn per example and epoch from the stateless seed."""
+  import tensorflow as tf
+
   captions = ex["captions"]["text"]
   n = tf.maximum(tf.shape(captions)[0], 1)
   pick = tf.random.stateless_uniform([], seed, 0, n, dtype=tf.int32)
@@ -110,6 +114,8 @@ def _coco_caption(ex, seed):
 
 
 def _speech(ex, seed):
+  import tensorflow as tf
+
   del seed
   return {"speech": ex.get("speech"), "target_text": tf.strings.lower(ex["text"])}
 

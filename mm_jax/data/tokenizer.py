@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 from etils import epath
 
+from mm_jax.data import layout
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _SPECIALS = 3
 
@@ -113,7 +115,7 @@ def load_or_train(config) -> Tokenizer:
   from mm_jax.data import pipeline  # the pipeline knows the sources; import late to avoid a cycle
 
   root = pipeline.data_root(config)
-  text_tasks = pipeline.text_task_names(config)
+  text_tasks = layout.text_task_names(config)
   mixture = pipeline.mixture_key(config)
   vocab_size = int(config.data.tokenizer_vocab_size)
   path = model_path(root, mixture, vocab_size, text_tasks)

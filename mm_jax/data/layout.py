@@ -1,0 +1,168 @@
+"""What the config says about the data before any is read: the tasks, each task's batch size and
+example shapes, and which saved data positions a run can continue from.
+
+No TensorFlow here. The trainer needs all of this to check the config and to lower its step, and
+it does both before TensorFlow's import (about 6 s of Python), which then runs beside the step's
+compile (WORKSPACE.md, "Start-up and the first step").
+"""
+
+import hashlib
+import json
+
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from mm_jax import sharding
+from mm_jax.data import tasks as tasks_lib
+
+
+def task_names(config) -> list[str]:
+  names = [n.strip() for n in str(config.data.tasks).split(",") if n.strip()]
+  if not names:
+    raise sharding.ConfigError("config.data.tasks is empty: name at least one task")
+  return names
+
+
+def build_tasks(config) -> dict[str, tasks_lib.Task]:
+  return {name: tasks_lib.resolve(name, config.data.mixture) for name in task_names(config)}
+
+
+def text_task_names(config) -> list[str]:
+  return [
+    name
+    for name, task in build_tasks(config).items()
+    if "language" in (task.signature.input_modality, task.signature.target_modality)
+  ]
+
+
+def task_weight(config, name: str) -> float:
+  weights = config.data.get("weights") or {}
+  return float(weights.get(name, tasks_lib.TASKS[name].default_weight))
+
+
+def text_length(config, task_name: str, field: str) -> int:
+  """Padded length of a task's "inputs" or "targets" text: config.data.max_text_length unless
+  config.data.input_lengths / target_lengths name the task (short transcripts need not pay for
+  the longest translation)."""
+  overrides = config.data.get("input_lengths" if field == "inputs" else "target_lengths") or {}
+  return int(overrides.get(task_name, config.data.max_text_length))
+
+
+def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
+  """Global per-task batch sizes: global_batch_size split by weight, each a multiple of dp."""
+  names = task_names(config)
+  weights = {n: task_weight(config, n) for n in names}
+  for name, w in weights.items():
+    if w <= 0:
+      raise sharding.ConfigError(
+        f"config.data.weights.{name}={w}: use a positive weight or drop {name} from data.tasks"
+      )
+  total = sum(weights.values())
+  sizes = {}
+  for name in names:
+    share = config.data.global_batch_size * weights[name] / total
+    size = int(round(share / data_parallel)) * data_parallel
+    if size <= 0:
+      need = int(np.ceil(data_parallel * total / weights[name]))
+      raise sharding.ConfigError(
+        f"config.data.weights.{name} gives {name} {share:.2f} examples per step, fewer than the "
+        f"data-parallel degree {data_parallel}: set config.data.global_batch_size >= {need}"
+      )
+    sizes[name] = size
+  return sizes
+
+
+def local_batch_sizes(config, data_parallel: int, process_count: int) -> dict[str, int]:
+  sizes = task_batch_sizes(config, data_parallel)
+  for name, size in sizes.items():
+    if size % process_count:
+      raise sharding.ConfigError(
+        f"task {name} batch {size} does not split over {process_count} processes: make "
+        "config.data.global_batch_size a multiple of the process count times the task count"
+      )
+  return {name: size // process_count for name, size in sizes.items()}
+
+
+def data_parallel_from_config(config) -> int:
+  import jax
+
+  shape = sharding.mesh_shape(config.mesh, jax.device_count())
+  return shape["data"] * shape["expert"]
+
+
+def image_size(config, task) -> int:
+  if task.signature.target_modality == "categorical":
+    return int(config.data.image_size)
+  return int(config.data.caption_image_size)
+
+
+def example_shapes(config, task) -> dict[str, tuple[tuple[int, ...], type]]:
+  """{key: (shape, dtype)} of one training example as this pipeline builds it, without data."""
+  sig = task.signature
+  if sig.input_modality == "language":
+    shapes = {"inputs": ((text_length(config, task.name, "inputs"),), np.int32)}
+  elif sig.input_modality == "image":
+    size = image_size(config, task)
+    shapes = {"inputs": ((size, size, int(config.model.image_channels)), np.float32)}
+  else:
+    frames = int(config.data.max_audio_frames)
+    shapes = {
+      "inputs": ((frames, num_mel_bins(config)), np.float32),
+      "inputs_mask": ((frames,), np.float32),
+    }
+  categorical = sig.target_modality == "categorical"
+  shapes["targets"] = (
+    () if categorical else (text_length(config, task.name, "targets"),),
+    np.int32,
+  )
+  shapes["target_space"] = ((), np.int32)
+  return shapes
+
+
+def num_mel_bins(config) -> int:
+  return int(config.model.get("audionum_mel_bins", 40))
+
+
+class ReadLayout:
+  """What a saved data position depends on: the data config (not where the data lives), each
+  task's process-local batch size, and which process of how many reads. A position saved under
+  another layout is no position here."""
+
+  def __init__(self, config, batch_sizes: dict[str, int], process_index: int, process_count: int):
+    self.config, self.batch_sizes = config, batch_sizes
+    self.process_index, self.process_count = process_index, process_count
+
+  def _data_settings(self) -> dict:
+    return {k: v for k, v in self.config.data.to_dict().items() if k != "data_dir"}
+
+  def fingerprint(self) -> str:
+    settings = [self._data_settings(), self.batch_sizes, self.process_index, self.process_count]
+    return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+
+  def describe(self) -> dict:
+    """The same, by name: a mismatch can then say what changed."""
+    layout = {"config.data": self._data_settings(), "local batch size": self.batch_sizes}
+    layout["process (index, count)"] = [self.process_index, self.process_count]
+    return json.loads(json.dumps(layout, default=str))
+
+  def check(self, state: dict) -> None:
+    """Raises ConfigError (one line) unless a reader of this layout can continue from `state`."""
+    same_tasks = set(state["batches"]) == set(self.batch_sizes)
+    if state.get("fingerprint") == self.fingerprint() and same_tasks:
+      return
+    saved, here = (flatten_dict(x, sep=".") for x in (state.get("layout", {}), self.describe()))
+    changed = [k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)]
+    named = (
+      ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
+      if saved
+      else "data config, batch sizes or process layout (not recorded in this checkpoint)"
+    )
+    raise sharding.ConfigError(
+      f"the checkpoint's data position was saved with other data settings ({named}): resume "
+      "with the config.data, mesh and process count that wrote it, or use a new --workdir"
+    )
+
+
+def read_layout(config, data_parallel: int, process_index: int, process_count: int) -> ReadLayout:
+  batch_sizes = local_batch_sizes(config, data_parallel, process_count)
+  return ReadLayout(config, batch_sizes, process_index, process_count)
