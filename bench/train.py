@@ -81,7 +81,7 @@ INPUT_GOAL = 1.0  # issue #4 asks for 3x headroom; #5's bar is "never the bottle
 _MARKERS = (
   ("imports (python, jax, mm_jax)", "devices:"),
   ("init trace, train step trace + lower", "train step traced and lowered in"),
-  ("TensorFlow imports (the step compiles meanwhile)", "TensorFlow, the pipeline and clu imported"),
+  ("TF + clu imports (the step compiles meanwhile)", "TensorFlow, the pipeline and clu imported"),
   ("data ready (the step compiles meanwhile)", "first batch read"),
   ("init compile + run (the step compiles meanwhile)", "parameters:"),
   ("train step compile (the part not overlapped)", "train step compiled in"),
