@@ -29,7 +29,7 @@ sys.path.insert(0, _REPO)
 if __name__ == "__main__":  # the trainer's malloc (mm_jax/main.py), so the step matches it
   from mm_jax import memory
 
-  memory.restart_with_huge_pages()
+  memory.restart_with_tuned_malloc()
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -40,7 +40,7 @@ sys.path.insert(0, _REPO)
 if __name__ == "__main__":  # the trainer's malloc (mm_jax/main.py), so the step times match it
   from mm_jax import memory
 
-  memory.restart_with_huge_pages()
+  memory.restart_with_tuned_malloc()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

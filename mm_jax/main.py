@@ -11,7 +11,7 @@ import sys
 
 from mm_jax import memory
 
-memory.restart_with_huge_pages()  # first: it re-executes the process (see memory.py)
+memory.restart_with_tuned_malloc()  # first: it re-executes the process (see memory.py)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402

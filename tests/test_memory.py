@@ -1,8 +1,11 @@
-"""memory.release_freed_memory really returns freed heap pages (glibc keeps them otherwise)."""
+"""memory.release_freed_memory really returns freed heap pages (glibc keeps them otherwise), and
+memory.restart_with_tuned_malloc really switches malloc (mimalloc, huge pages)."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from mm_jax import memory
 
@@ -15,6 +18,8 @@ PROBE = """
 import os
 import numpy as np
 from mm_jax import memory
+if os.environ.get("PROBE_RESTART"):
+  memory.restart_with_tuned_malloc()
 def resident():
   return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 big, small = [], []
@@ -25,26 +30,52 @@ held = resident()
 del big
 freed = resident()
 released = memory.release_freed_memory()
-print(released, held, freed, resident())
+mapped = "libmimalloc" in open("/proc/self/maps").read()
+print(released, held, freed, resident(), mapped)
 """
+BIG_BLOCKS = 3000 * 96 * 1024
+
+
+def _probe(probe, **env_changes):
+  """Runs a probe in a fresh interpreter that has not been restarted (nor preloaded) yet."""
+  unset = ("GLIBC_TUNABLES", "LD_PRELOAD", memory.RESTARTED_ENV, memory.ALLOCATOR_ENV)
+  env = {k: v for k, v in os.environ.items() if k not in unset}
+  out = subprocess.run(
+    [sys.executable, "-c", probe],
+    cwd=REPO,
+    env={**env, **env_changes},
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0, out.stderr
+  return out.stdout.split()
 
 
 def test_release_returns_freed_heap_pages_to_the_os():
-  out = subprocess.run(
-    [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, check=True
-  ).stdout.split()
-  released, held, freed, after = out[0] == "True", *map(int, out[1:])
+  out = _probe(PROBE)
+  released, held, freed, after = out[0] == "True", *map(int, out[1:4])
+  assert out[4] == "False"  # glibc's malloc: nothing preloaded without the restart
   assert released
-  big_blocks = 3000 * 96 * 1024
-  assert held - freed < big_blocks / 4, "glibc returned the blocks by itself: the probe is moot"
-  assert freed - after > big_blocks * 0.75, (held, freed, after)
+  assert held - freed < BIG_BLOCKS / 4, "glibc returned the blocks by itself: the probe is moot"
+  assert freed - after > BIG_BLOCKS * 0.75, (held, freed, after)
+
+
+@pytest.mark.parametrize("allocator", ["", "glibc"])
+def test_restart_preloads_mimalloc_which_also_hands_freed_memory_back(allocator):
+  out = _probe(PROBE, PROBE_RESTART="1", **{memory.ALLOCATOR_ENV: allocator})
+  released, held, freed, after = out[0] == "True", *map(int, out[1:4])
+  mimalloc = allocator != "glibc" and memory.mimalloc_library() is not None
+  assert out[4] == str(mimalloc)
+  assert released
+  # Freed by mimalloc's own purge or by release_freed_memory, it must not stay resident.
+  assert held - after > BIG_BLOCKS * 0.75, (held, freed, after)
 
 
 # Restarts itself with the tunable, then faults in a 256 MB malloc block page by page.
 HUGE_PAGES_PROBE = """
 import ctypes, os, resource
 from mm_jax import memory
-memory.restart_with_huge_pages()
+memory.restart_with_tuned_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 size = 256 << 20
@@ -57,12 +88,7 @@ print(os.environ.get("GLIBC_TUNABLES", "-"), faults)
 
 
 def test_restart_backs_large_blocks_with_huge_pages():
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", memory.RESTARTED_ENV)}
-  out = subprocess.run(
-    [sys.executable, "-c", HUGE_PAGES_PROBE], cwd=REPO, env=env, capture_output=True, text=True
-  )
-  assert out.returncode == 0, out.stderr
-  tunables, faults = out.stdout.split()
+  tunables, faults = _probe(HUGE_PAGES_PROBE)
   small_pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
   if memory.huge_pages_available():
     assert tunables == memory.HUGE_PAGES_TUNABLE
