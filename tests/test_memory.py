@@ -60,11 +60,11 @@ def test_release_returns_freed_heap_pages_to_the_os():
   assert freed - after > BIG_BLOCKS * 0.75, (held, freed, after)
 
 
-@pytest.mark.parametrize("allocator", ["", "glibc"])
-def test_restart_preloads_mimalloc_which_also_hands_freed_memory_back(allocator):
+@pytest.mark.parametrize("allocator", ["", "mimalloc"])
+def test_restart_preloads_mimalloc_if_asked_which_also_hands_freed_memory_back(allocator):
   out = _probe(PROBE, PROBE_RESTART="1", **{memory.ALLOCATOR_ENV: allocator})
   released, held, freed, after = out[0] == "True", *map(int, out[1:4])
-  mimalloc = allocator != "glibc" and memory.mimalloc_library() is not None
+  mimalloc = allocator == "mimalloc" and memory.mimalloc_library() is not None
   assert out[4] == str(mimalloc)
   assert released
   # Freed by mimalloc's own purge or by release_freed_memory, it must not stay resident.
