@@ -7,17 +7,17 @@ after `malloc_trim(0)`; the steps then peaked at 4.7 GB instead of 6.7 GB.
 """
 
 import ctypes
-import importlib.metadata
 import os
 import sys
 
 _libc = None
+_mi_collect = None  # mimalloc's, where it is preloaded: looked up once, beside _libc
 
 
 def release_freed_memory() -> bool:
   """Freed heap pages back to the OS: mimalloc's `mi_collect` where it is preloaded, and glibc's
   `malloc_trim(0)`; False where neither exists (not Linux, musl)."""
-  global _libc
+  global _libc, _mi_collect
   if not sys.platform.startswith("linux"):
     return False
   if _libc is None:
@@ -25,13 +25,13 @@ def release_freed_memory() -> bool:
       _libc = ctypes.CDLL("libc.so.6")
     except OSError:
       return False
-  collect = getattr(ctypes.CDLL(None), "mi_collect", None)  # the preloaded allocator, if any
-  if collect is not None:
-    collect(ctypes.c_bool(True))
+    _mi_collect = getattr(ctypes.CDLL(None), "mi_collect", None)  # the process's own symbols
+  if _mi_collect is not None:
+    _mi_collect(ctypes.c_bool(True))
   trim = getattr(_libc, "malloc_trim", None)  # musl has none
   if trim is not None:
     trim(0)
-  return collect is not None or trim is not None
+  return _mi_collect is not None or trim is not None
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -55,9 +55,11 @@ def huge_pages_available() -> bool:
 
 
 def mimalloc_library() -> str | None:
-  """libmimalloc.so of the cmeel-mimalloc wheel (setup.cfg installs it on x86-64 Linux), if any."""
+  """libmimalloc.so of the cmeel-mimalloc wheel (setup.cfg installs it on Linux), if any."""
   if not sys.platform.startswith("linux"):
     return None
+  import importlib.metadata  # only when asked for: main.py runs this module first
+
   try:
     files = importlib.metadata.files("cmeel-mimalloc") or ()
   except importlib.metadata.PackageNotFoundError:
