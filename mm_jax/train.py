@@ -592,6 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if step == start_step + 1:  # waits for it: dispatch returns before the step has run
         jax.block_until_ready(metrics)
         logging.info("first step done %.1f s after the loop started", time.time() - t_start)
+        memory.purge_freed_memory_at_once()  # start-up is over: bound the steps' memory
       train_metrics.append(metrics)
       for hook in hooks:
         hook(step)

@@ -20,6 +20,7 @@ import numpy as np
 from mm_jax import memory
 if os.environ.get("PROBE_RESTART"):
   memory.restart_with_tuned_malloc()
+at_once = bool(os.environ.get("PROBE_AT_ONCE")) and memory.purge_freed_memory_at_once()
 def resident():
   return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 big, small = [], []
@@ -31,7 +32,7 @@ del big
 freed = resident()
 released = memory.release_freed_memory()
 mapped = "libmimalloc" in open("/proc/self/maps").read()
-print(released, held, freed, resident(), mapped)
+print(released, held, freed, resident(), mapped, at_once)
 """
 BIG_BLOCKS = 3000 * 96 * 1024
 
@@ -69,6 +70,23 @@ def test_restart_preloads_mimalloc_if_asked_which_also_hands_freed_memory_back(a
   assert released
   # Freed by mimalloc's own purge or by release_freed_memory, it must not stay resident.
   assert held - after > BIG_BLOCKS * 0.75, (held, freed, after)
+
+
+def test_mimalloc_purges_at_once_only_when_asked():  # setup.cfg installs it on Linux
+  kept = _probe(PROBE, PROBE_RESTART="1", **{memory.ALLOCATOR_ENV: "mimalloc"})
+  assert kept[4:] == ["True", "False"]
+  held, freed = map(int, kept[1:3])
+  assert held - freed < BIG_BLOCKS / 4, "mimalloc's default purge delay returned the blocks"
+
+  purged = _probe(PROBE, PROBE_RESTART="1", PROBE_AT_ONCE="1", **{memory.ALLOCATOR_ENV: "mimalloc"})
+  assert purged[4:] == ["True", "True"]
+  held, freed = map(int, purged[1:3])
+  assert held - freed > BIG_BLOCKS * 0.75, (held, freed)  # before release_freed_memory
+
+
+def test_purge_at_once_is_a_no_op_under_glibc():
+  out = _probe(PROBE, PROBE_AT_ONCE="1")
+  assert out[4:] == ["False", "False"]
 
 
 # Restarts itself with the tunable, then faults in a 256 MB malloc block page by page.
