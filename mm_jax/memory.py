@@ -15,6 +15,11 @@ _mi_collect = None  # mimalloc's, where it is preloaded: looked up once, beside 
 _MI_OPTION_PURGE_DELAY = 15  # mi_option_purge_delay in mimalloc.h (2.x and 3.x)
 
 
+def _process_symbol(name: str):
+  """A C function the process has loaded (mimalloc's, where it is preloaded), or None."""
+  return getattr(ctypes.CDLL(None), name, None)
+
+
 def release_freed_memory() -> bool:
   """Freed heap pages back to the OS: mimalloc's `mi_collect` where it is preloaded, and glibc's
   `malloc_trim(0)`; False where neither exists (not Linux, musl)."""
@@ -26,7 +31,7 @@ def release_freed_memory() -> bool:
       _libc = ctypes.CDLL("libc.so.6")
     except OSError:
       return False
-    _mi_collect = getattr(ctypes.CDLL(None), "mi_collect", None)  # the process's own symbols
+    _mi_collect = _process_symbol("mi_collect")
   if _mi_collect is not None:
     _mi_collect(ctypes.c_bool(True))
   trim = getattr(_libc, "malloc_trim", None)  # musl has none
@@ -43,9 +48,7 @@ def purge_freed_memory_at_once() -> bool:
   the default run). Called once the first step has run, it keeps the cheap start-up and bounds
   the steps' memory (4.6 GB peak), but every step then faults its buffers in anew.
   """
-  if not sys.platform.startswith("linux"):
-    return False
-  option_set = getattr(ctypes.CDLL(None), "mi_option_set", None)  # the process's own symbols
+  option_set = _process_symbol("mi_option_set") if sys.platform.startswith("linux") else None
   if option_set is None:
     return False
   option_set(ctypes.c_int(_MI_OPTION_PURGE_DELAY), ctypes.c_long(0))
