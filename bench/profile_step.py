@@ -48,6 +48,8 @@ KINDS = (
   ("reduction (XLA's own)", lambda name, line: "reduce" in name),
   ("elementwise (XLA loop fusion)", lambda name, line: True),
 )
+# Column heads of the part-by-kind table, in KINDS' order.
+KIND_COLUMNS = ("YNNPACK", "XLA dot", "copy", "pad etc.", "XLA red.", "elementw.")
 
 # Module names in op_name metadata -> the part of the model they belong to.
 PARTS = (
@@ -132,6 +134,15 @@ def profile(run_steps, hlo_text: str, steps: int) -> list[Kernel]:
   return kernels(hlo_text, totals, steps)
 
 
+def shares_by_part_and_kind(found: list[Kernel]) -> dict[str, dict[str, float]]:
+  """{part: {kind: share of all kernel time}}: which kinds of kernel each part's time goes to."""
+  total = sum(k.seconds for k in found)
+  shares = collections.defaultdict(lambda: dict.fromkeys((label for label, _ in KINDS), 0.0))
+  for k in found:
+    shares[part(k.op_name)[0]][k.kind] += k.seconds / total
+  return dict(shares)
+
+
 def tables(found: list[Kernel], top: int) -> str:
   total = sum(k.seconds for k in found)
   by_kind = collections.Counter()
@@ -149,6 +160,11 @@ def tables(found: list[Kernel], top: int) -> str:
     out.append(
       f"{label:<52}{times['forward'] * 1e3:>9.1f}{times['backward'] * 1e3:>9.1f}{share:>8.1%}"
     )
+  out += ["", f"{'share of all kernel time, by part and kind':<48}"]
+  out[-1] += "".join(f"{c:>10}" for c in KIND_COLUMNS)
+  cross = shares_by_part_and_kind(found)
+  for label in sorted(cross, key=lambda label: -sum(cross[label].values())):
+    out.append(f"{label:<48}" + "".join(f"{v:>10.1%}" for v in cross[label].values()))
   out += ["", f"slowest {top} kernels (ms/step, share, result, op):"]
   for k in found[:top]:
     op = re.sub(r"jit\(\w+\)/", "", k.op_name)

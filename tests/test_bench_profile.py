@@ -44,6 +44,14 @@ def test_a_profiled_function_is_charged_to_its_own_kernels():
     float(line.rsplit(None, 1)[1].rstrip("%")) for line in report.split("\n\n")[0].split("\n")[1:]
   ]
   assert abs(sum(shares) - 100.0) < 0.5
+  # The part-by-kind table splits the same time: each kind's column adds up to its own share.
+  cross = profile_step.shares_by_part_and_kind(found)
+  total = sum(k.seconds for k in found)
+  for label, _ in profile_step.KINDS:
+    own = sum(k.seconds for k in found if k.kind == label) / total
+    assert abs(sum(row[label] for row in cross.values()) - own) < 1e-9
+  assert len(profile_step.KIND_COLUMNS) == len(profile_step.KINDS)
+  assert "share of all kernel time, by part and kind" in report
 
 
 def test_parts_and_directions_follow_the_op_name():
