@@ -115,7 +115,7 @@ def restart_with_tuned_malloc() -> None:
     )
   library = mimalloc_library() if os.environ.get(ALLOCATOR_ENV) == "mimalloc" else None
   preloaded = os.environ.get("LD_PRELOAD", "")
-  if library and library not in preloaded:
+  if library and library not in preloaded.replace(":", " ").split():  # ld.so's separators
     changes["LD_PRELOAD"] = f"{library} {preloaded}".strip()
   if not changes:
     return

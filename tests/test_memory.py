@@ -114,3 +114,27 @@ def test_restart_backs_large_blocks_with_huge_pages():
   else:  # no THP or no glibc tunable here: the process runs on, unchanged
     assert tunables == "-"
     assert int(faults) > small_pages / 2, faults
+
+
+def test_restart_preloads_mimalloc_beside_a_library_whose_path_contains_its_own(monkeypatch):
+  library = memory.mimalloc_library()
+  assert library is not None  # setup.cfg installs cmeel-mimalloc on Linux
+  restarted = []
+
+  def execve(path, argv, env):
+    restarted.append(env)
+    raise SystemExit(0)
+
+  monkeypatch.setattr(os, "execve", execve)
+  monkeypatch.delenv(memory.RESTARTED_ENV, raising=False)
+  monkeypatch.setenv(memory.ALLOCATOR_ENV, "mimalloc")
+  monkeypatch.setenv("LD_PRELOAD", f"{library}.old")  # another file: its path merely contains it
+  with pytest.raises(SystemExit):
+    memory.restart_with_tuned_malloc()
+  assert restarted[0]["LD_PRELOAD"].split() == [library, f"{library}.old"]
+
+  restarted.clear()
+  monkeypatch.setenv("LD_PRELOAD", f"/other.so:{library}")  # ld.so also splits on colons
+  monkeypatch.setenv("GLIBC_TUNABLES", memory.HUGE_PAGES_TUNABLE)
+  memory.restart_with_tuned_malloc()  # nothing to change: no restart
+  assert restarted == []
