@@ -40,16 +40,20 @@ FLAGS = flags.FLAGS
 # Kernel kinds, by what XLA:CPU does with the instruction. The first whose test matches wins.
 # XLA names a fusion after its root ops, so a loop fusion that ends in a transposing copy (the
 # LayerNorm gradients the pointwise convs' weight gradients want transposed) counts as a copy.
+# Each: (label, its column head in the part-by-kind table, test).
 KINDS = (
-  ("YNNPACK library call (dots, convs, reductions)", lambda name, line: "__ynn_fusion" in line),
-  ("dot or conv (XLA's own)", lambda name, line: re.search(r" (dot|convolution)\(", line)),
-  ("copy or transpose", lambda name, line: "copy" in name or "transpose" in name),
-  ("pad, slice, concatenate", lambda name, line: re.search("pad|slice|concatenate", name)),
-  ("reduction (XLA's own)", lambda name, line: "reduce" in name),
-  ("elementwise (XLA loop fusion)", lambda name, line: True),
+  (
+    "YNNPACK library call (dots, convs, reductions)",
+    "YNNPACK",
+    lambda n, line: "__ynn_fusion" in line,
+  ),
+  ("dot or conv (XLA's own)", "XLA dot", lambda n, line: re.search(r" (dot|convolution)\(", line)),
+  ("copy or transpose", "copy", lambda n, line: "copy" in n or "transpose" in n),
+  ("pad, slice, concatenate", "pad etc.", lambda n, line: re.search("pad|slice|concatenate", n)),
+  ("reduction (XLA's own)", "XLA red.", lambda n, line: "reduce" in n),
+  ("elementwise (XLA loop fusion)", "elementw.", lambda n, line: True),
 )
-# Column heads of the part-by-kind table, in KINDS' order.
-KIND_COLUMNS = ("YNNPACK", "XLA dot", "copy", "pad etc.", "XLA red.", "elementw.")
+KIND_COLUMNS = tuple(column for _, column, _ in KINDS)
 
 # Module names in op_name metadata -> the part of the model they belong to.
 PARTS = (
@@ -114,7 +118,7 @@ def kernels(hlo_text: str, totals: collections.Counter, steps: int) -> list[Kern
 
 def kind(name: str, hlo_line: str) -> str:
   base = re.sub(r"\.\d+$", "", name)
-  return next(label for label, test in KINDS if test(base, hlo_line))
+  return next(label for label, _, test in KINDS if test(base, hlo_line))
 
 
 def part(op_name: str) -> tuple[str, str]:
@@ -137,7 +141,7 @@ def profile(run_steps, hlo_text: str, steps: int) -> list[Kernel]:
 def shares_by_part_and_kind(found: list[Kernel]) -> dict[str, dict[str, float]]:
   """{part: {kind: share of all kernel time}}: which kinds of kernel each part's time goes to."""
   total = sum(k.seconds for k in found)
-  shares = collections.defaultdict(lambda: dict.fromkeys((label for label, _ in KINDS), 0.0))
+  shares = collections.defaultdict(lambda: dict.fromkeys((label for label, _, _ in KINDS), 0.0))
   for k in found:
     shares[part(k.op_name)[0]][k.kind] += k.seconds / total
   return dict(shares)

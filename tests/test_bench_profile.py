@@ -47,7 +47,7 @@ def test_a_profiled_function_is_charged_to_its_own_kernels():
   # The part-by-kind table splits the same time: each kind's column adds up to its own share.
   cross = profile_step.shares_by_part_and_kind(found)
   total = sum(k.seconds for k in found)
-  for label, _ in profile_step.KINDS:
+  for label, _, _ in profile_step.KINDS:
     own = sum(k.seconds for k in found if k.kind == label) / total
     assert abs(sum(row[label] for row in cross.values()) - own) < 1e-9
   assert len(profile_step.KIND_COLUMNS) == len(profile_step.KINDS)
