@@ -111,8 +111,8 @@ def audio_net_macs(m, frames: int, bins: int) -> tuple[int, int]:
   """Multiply-adds per utterance (a full 3x3 stem, time-strided blocks, then the bins x channels
   -> d projection)."""
   widths = audio_widths(m.d, m.audio_blocks)
-  grid, c_in = (frames, bins), widths[0]
-  macs = frames * bins * grid_taps((3, 3), grid) * c_in
+  grid, c_in = strided_grid((frames, bins), (m.get("audio_stem_stride", 1), 1)), widths[0]
+  macs = math.prod(grid) * grid_taps((3, 3), grid) * c_in
   for features in widths:
     block, grid = xception_block_macs(grid, c_in, features, (2, 1))
     macs, c_in = macs + block, features

@@ -86,6 +86,7 @@ def _validate_model(m, mesh, expert_axes):
     isinstance(ctc, int | float) and ctc >= 0,
     f"config.model.audio_ctc_weight={ctc!r}: use a number >= 0 (0 turns the CTC loss off)",
   )
+  _positive_int(m.get("audio_stem_stride", 1), "config.model.audio_stem_stride")
   _positive_int(m.vocab_size, "config.model.vocab_size")
   _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
   _require(m.dtype in _DTYPES, f"config.model.dtype={m.dtype!r}: use one of {_DTYPES}")

@@ -25,6 +25,7 @@ CASES = {
   "heads_not_dividing_d": ({"model.num_heads": 3}, "config.model.num_heads"),
   "dropout_above_one": ({"model.dropout": 1.5}, "config.model.dropout"),
   "negative_ctc_weight": ({"model.audio_ctc_weight": -1.0}, "config.model.audio_ctc_weight"),
+  "zero_audio_stem_stride": ({"model.audio_stem_stride": 0}, "config.model.audio_stem_stride"),
   "unknown_ffn": ({"model.ffn": "sparse"}, "config.model.ffn"),
   "vocab_too_small": ({"model.vocab_size": 4}, "config.model.vocab_size"),
   "unknown_dtype": ({"model.dtype": "float16"}, "config.model.dtype"),

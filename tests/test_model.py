@@ -177,6 +177,19 @@ def test_modality_net_shapes(dense, signature, inputs, length):
   assert x.shape == (B, length, 32) and mask.shape == (B, length)
 
 
+@pytest.mark.parametrize("frames, length", [(40, 5), (41, 6)])  # 40>20>10>5, 41>21>11>6
+def test_audio_stem_stride_shortens_the_sequence(dense, frames, length):
+  _, variables, _ = dense  # a stride changes no parameter
+  model = tiny_model(ffn="dense", audio_stem_stride=2)
+  inputs = np.zeros((B, frames, 40), np.float32)
+  batch = {"inputs": inputs, "inputs_mask": np.ones((B, frames), np.float32)}
+  sig = SIGNATURES["audio_to_text"]
+  x, mask = jax.eval_shape(
+    lambda v: model.apply(v, batch, sig, method=MultiModel.embed_inputs), variables
+  )
+  assert x.shape == (B, length, 32) and mask.shape == (B, length)
+
+
 def test_top_logits_shapes(dense):
   model, variables, batches = dense
   out = jax.eval_shape(
@@ -222,10 +235,11 @@ def test_causal_dense(dense):
   check_causal(*causality_case(model, variables, seed=2))
 
 
-def test_padding_never_changes_real_positions():
+@pytest.mark.parametrize("audio_stem_stride", [1, 2])
+def test_padding_never_changes_real_positions(audio_stem_stride):
   # With the MoE, whose routing groups padding changes (a dense FFN is per position, so the MoE
   # case covers it); capacity for every token, so no group can drop any.
-  model = tiny_model(ffn="moe", moe_capacity_factor_eval=4.0)
+  model = tiny_model(ffn="moe", moe_capacity_factor_eval=4.0, audio_stem_stride=audio_stem_stride)
   batches = make_batches()
   variables = init(model, batches)
   pad = lambda x, n, value=0: np.concatenate(

@@ -214,7 +214,7 @@ class MultiModel(nn.Module):
     dtype = _dtype(c)
     self.language = LanguageModality(c.vocab_size, c.d, dtype)
     self.image = ImageModality(c.d, dtype)
-    self.audio = AudioModality(c.d, c.audio_blocks, dtype)
+    self.audio = AudioModality(c.d, c.audio_blocks, c.get("audio_stem_stride", 1), dtype)
     self.categorical = CategoricalTops(dtype)
     self.target_space_embedding = self.param(
       "target_space_embedding",
