@@ -30,7 +30,8 @@ def _model(size: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   # Default: d=192 with the audio stem striding time (below) took a 0.760 s step against 0.832 s
   # for d=128 without it (2026-12-06), with 1.46x the analytic FLOPs: the wider matmuls use the
-  # CPU better (MFU 36.5% against 24.6%), and the run met every bar (README).
+  # CPU better (MFU 36.5% against 24.6% that hour; 32-39% over that afternoon), and three seeds
+  # met every bar (README).
   m.d = {"tiny": 32, "default": 192, "paper": 1536}[size]
   m.num_heads = {"tiny": 2, "default": 4, "paper": 16}[size]
   # The default run sees each example only a few times: dropout would only slow it down.

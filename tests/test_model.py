@@ -170,11 +170,7 @@ def test_depthwise_shifted_gradient_matches_autodiff_of_grouped(kernel, dilation
 )
 def test_modality_net_shapes(dense, signature, inputs, length):
   model, variables, _ = dense
-  batch = {"inputs": inputs, "inputs_mask": np.ones(inputs.shape[:2], np.float32)}
-  x, mask = jax.eval_shape(
-    lambda v: model.apply(v, batch, signature, method=MultiModel.embed_inputs), variables
-  )
-  assert x.shape == (B, length, 32) and mask.shape == (B, length)
+  assert embedded_shapes(model, variables, signature, inputs) == ((B, length, 32), (B, length))
 
 
 @pytest.mark.parametrize("frames, length", [(40, 5), (41, 6)])  # 40>20>10>5, 41>21>11>6
@@ -182,12 +178,17 @@ def test_audio_stem_stride_shortens_the_sequence(dense, frames, length):
   _, variables, _ = dense  # a stride changes no parameter
   model = tiny_model(ffn="dense", audio_stem_stride=2)
   inputs = np.zeros((B, frames, 40), np.float32)
-  batch = {"inputs": inputs, "inputs_mask": np.ones((B, frames), np.float32)}
-  sig = SIGNATURES["audio_to_text"]
+  got = embedded_shapes(model, variables, SIGNATURES["audio_to_text"], inputs)
+  assert got == ((B, length, 32), (B, length))
+
+
+def embedded_shapes(model, variables, signature, inputs):
+  """(embedded inputs, their mask) shapes of a batch of `inputs`, traced only."""
+  batch = {"inputs": inputs, "inputs_mask": np.ones(inputs.shape[:2], np.float32)}
   x, mask = jax.eval_shape(
-    lambda v: model.apply(v, batch, sig, method=MultiModel.embed_inputs), variables
+    lambda v: model.apply(v, batch, signature, method=MultiModel.embed_inputs), variables
   )
-  assert x.shape == (B, length, 32) and mask.shape == (B, length)
+  return x.shape, mask.shape
 
 
 def test_top_logits_shapes(dense):

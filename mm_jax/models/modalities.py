@@ -185,7 +185,7 @@ class AudioModality(nn.Module):
     x = ConvNorm(widths[0], (3, 3), strides, first_relu=False, dtype=self.dtype, name="stem")(
       frames[..., None], mask[:, :, None]
     )
-    mask = strided_mask(mask, strides[:1])
+    mask = strided_mask(mask, (self.stem_stride,))
     for i, width in enumerate(widths):
       x, mask = XceptionBlock(width, (2, 1), skip_relu=True, dtype=self.dtype, name=f"block{i}")(
         x, mask[:, :, None]
