@@ -96,6 +96,7 @@ MOCKED = "image_classification+speech_recognition+" + "+".join(
 
 def test_paper_pipelines_on_tfds_mock_data(tmp_path, tok):
   config = _config(tmp_path, MOCKED, max_audio_frames=64)
+  config.model.audio_num_mel_bins = 24  # not the default 40: the features follow the config
   with tfds.testing.mock_data(num_examples=16):
     it = pipeline.TrainIterator(config, data_parallel=8, tokenizer=tok)
     step = next(it)

@@ -120,7 +120,7 @@ def example_shapes(config, task) -> dict[str, tuple[tuple[int, ...], type]]:
 
 
 def num_mel_bins(config) -> int:
-  return int(config.model.get("audionum_mel_bins", 40))
+  return int(config.model.get("audio_num_mel_bins", 40))
 
 
 class ReadLayout:
