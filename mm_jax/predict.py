@@ -189,7 +189,7 @@ def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
   """Log-mel frames and mask exactly as in training; over-long audio is refused, not cut."""
   import tensorflow as tf
 
-  from mm_jax.data import features, pipeline
+  from mm_jax.data import features, layout, pipeline
 
   max_frames = int(config.data.max_audio_frames)
   frames = int(features.num_frames(len(samples)))
@@ -202,8 +202,7 @@ def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
       f"{name}: {seconds:.1f} s of audio is longer than this model's {limit:.2f} s "
       f"(config.data.max_audio_frames={max_frames})"
     )
-  bins = int(config.model.audio_num_mel_bins)
-  out = pipeline._audio(tf.constant(samples), max_frames, bins)
+  out = pipeline._audio(tf.constant(samples), max_frames, layout.num_mel_bins(config))
   return {"inputs": out["inputs"].numpy(), "inputs_mask": out["inputs_mask"].numpy()}
 
 
