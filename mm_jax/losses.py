@@ -8,24 +8,42 @@ import jax
 import jax.numpy as jnp
 
 
-def smoothed_cross_entropy(logits, labels, label_smoothing: float):
+def _token_terms(logits, labels):
+  """Per token: (target's log-prob, sum of all classes' log-probs, target's logit, top logit).
+
+  One pass of exp over the logits serves the loss, the log-perplexity and the accuracy, which
+  compares the target's logit with the top one instead of taking an argmax (XLA:CPU runs an
+  argmax as a slow two-output reduction; the max is needed for the softmax anyway).
+  """
+  logits = logits.astype(jnp.float32)
+  top = jnp.max(logits, axis=-1)
+  shift = jax.lax.stop_gradient(top)
+  log_normalizer = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
+  target_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  target_log_prob = target_logit - log_normalizer
+  sum_log_probs = jnp.sum(logits, axis=-1) - logits.shape[-1] * log_normalizer
+  return target_log_prob, sum_log_probs, target_logit, top
+
+
+def _smoothed(target_log_prob, sum_log_probs, num_classes: int, label_smoothing: float):
   """Cross-entropy against a label-smoothed one-hot target, minus its own entropy.
 
   Subtracting the smoothed target's entropy makes a perfect prediction score 0, so the reported
   loss stays comparable to the unsmoothed log-perplexity.
   """
-  num_classes = logits.shape[-1]
-  logits = logits.astype(jnp.float32)
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / max(num_classes - 1, 1)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  target_log_prob = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
   if label_smoothing == 0.0:
     return -target_log_prob
-  sum_log_probs = jnp.sum(log_probs, axis=-1)
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / max(num_classes - 1, 1)
   loss = -(confidence * target_log_prob + low * (sum_log_probs - target_log_prob))
   normalizer = -(confidence * jnp.log(confidence) + (num_classes - 1) * low * jnp.log(low + 1e-20))
   return loss - normalizer
+
+
+def smoothed_cross_entropy(logits, labels, label_smoothing: float):
+  """Per-token label-smoothed cross-entropy (0 for a perfect prediction; see `_smoothed`)."""
+  target_log_prob, sum_log_probs, _, _ = _token_terms(logits, labels)
+  return _smoothed(target_log_prob, sum_log_probs, logits.shape[-1], label_smoothing)
 
 
 def target_weights(targets, target_modality: str):
@@ -36,22 +54,21 @@ def target_weights(targets, target_modality: str):
 
 
 def example_stats(logits, targets, target_modality: str, label_smoothing: float):
-  """Per-example sums: training loss, log-perplexity, correct tokens, token count."""
+  """Per-example sums: training loss, log-perplexity, correct tokens, token count.
+
+  A token is correct when its target's logit is the top one (a tie with another class counts as
+  correct, where an argmax would pick the lower class id).
+  """
   weights = target_weights(targets, target_modality)
-  if target_modality == "categorical":
-    loss = smoothed_cross_entropy(logits, targets, label_smoothing)
-    nll = smoothed_cross_entropy(logits, targets, 0.0)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return {"loss": loss, "nll": nll, "correct": correct, "tokens": weights}
-  loss = smoothed_cross_entropy(logits, targets, label_smoothing) * weights
-  nll = smoothed_cross_entropy(logits, targets, 0.0) * weights
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
-  return {
-    "loss": loss.sum(-1),
-    "nll": nll.sum(-1),
-    "correct": correct.sum(-1),
-    "tokens": weights.sum(-1),
+  target_log_prob, sum_log_probs, target_logit, top = _token_terms(logits, targets)
+  stats = {
+    "loss": _smoothed(target_log_prob, sum_log_probs, logits.shape[-1], label_smoothing),
+    "nll": -target_log_prob,
+    "correct": (target_logit >= top).astype(jnp.float32),
   }
+  if target_modality == "categorical":
+    return {**stats, "tokens": weights}
+  return {**{k: (v * weights).sum(-1) for k, v in stats.items()}, "tokens": weights.sum(-1)}
 
 
 def ctc_alignment_loss(logits, frame_mask, targets, eos_id: int = 1):

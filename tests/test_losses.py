@@ -1,5 +1,6 @@
 """Losses against float64 NumPy written here, and the optimizer's schedule by hand."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -30,6 +31,28 @@ def test_smoothed_cross_entropy_matches_numpy(eps):
   labels = rng.integers(0, 11, size=(3, 5))
   got = np.asarray(losses.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps))
   np.testing.assert_allclose(got, _reference_smoothed_ce(logits, labels, eps), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothed_cross_entropy_gradient_is_softmax_minus_target():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(4, 9)).astype(np.float32) * 3
+  labels = rng.integers(0, 9, size=(4,))
+  eps = 0.1
+  grad = jax.grad(lambda x: losses.smoothed_cross_entropy(x, jnp.asarray(labels), eps).sum())(
+    jnp.asarray(logits)
+  )
+  x = logits.astype(np.float64)
+  softmax = np.exp(x - x.max(-1, keepdims=True))
+  softmax /= softmax.sum(-1, keepdims=True)
+  target = np.full(x.shape, eps / 8)
+  np.put_along_axis(target, labels[:, None], 1.0 - eps, axis=-1)
+  np.testing.assert_allclose(np.asarray(grad), softmax - target, atol=1e-6)
+
+
+def test_a_tie_with_the_top_class_counts_as_correct():
+  logits = jnp.asarray([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
+  stats = losses.example_stats(logits, jnp.asarray([2, 2]), "categorical", 0.0)
+  np.testing.assert_array_equal(np.asarray(stats["correct"]), [1.0, 0.0])
 
 
 def test_language_stats_ignore_padding():
