@@ -9,7 +9,8 @@ Every run is `python -m mm_jax.main` with a config variant of the base config (n
   examples of it and differ only in the other tasks (Table 2, "single problem");
 - parsing+image: parsing with image classification only, the same two batches (Table 3);
 - no_moe, no_attention: the joint run without the mixture of experts / attention (Table 4).
-All runs share the step budget, the seed and the schedule (the warm-up scales with the budget);
+All runs share the step budget, the seed and the schedule (the base config's warm-up, at most
+half the budget: scaled down with it, to 56 of 300 steps, it left the digits at chance);
 each evaluates once at its last step. A run whose final evaluation is already in `--out` is not
 run again, so an interrupted command continues where it stopped.
 
@@ -81,8 +82,10 @@ def plan_runs(config_arg: str, steps: int, overrides=()) -> dict[str, list[str]]
   tasks = [t for t in config.data.tasks.split(",") if t]
   shares = layout.task_batch_sizes(config, data_parallel=1)
   path = config_arg.partition(":")[0]
-  default_steps = config.train.num_steps
-  warmup = max(1, round(config.optimizer.warmup_steps * steps / default_steps))
+  # Not scaled with the budget: the classifier head needs the default's long warm-up (the config
+  # says why). 300 steps with a 56-step warm-up left the full model's digits at chance, joint and
+  # alone; with 150, 93.75% and 84.38%.
+  warmup = max(1, min(config.optimizer.warmup_steps, steps // 2))
   common = [
     f"--config.train.num_steps={steps}",
     f"--config.optimizer.warmup_steps={warmup}",

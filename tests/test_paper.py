@@ -51,7 +51,7 @@ def test_single_task_runs_get_the_batch_their_task_gets_in_the_joint_run():
   assert _flag(runs["no_attention"], "config").split(":")[1].startswith("default,no_attention")
   for flags in runs.values():
     assert _flag(flags, "config.train.num_steps") == "200"
-    assert _flag(flags, "config.optimizer.warmup_steps") == "38"  # 150 of 800, scaled to 200
+    assert _flag(flags, "config.optimizer.warmup_steps") == "100"  # 150, at most half of 200
 
 
 def test_verdict_rules():
