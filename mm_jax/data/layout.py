@@ -120,7 +120,8 @@ def example_shapes(config, task) -> dict[str, tuple[tuple[int, ...], type]]:
 
 
 def num_mel_bins(config) -> int:
-  return int(config.model.get("audio_num_mel_bins", 40))
+  # Read strictly: every config has the field, and a default here once hid a misspelt name.
+  return int(config.model.audio_num_mel_bins)
 
 
 class ReadLayout:

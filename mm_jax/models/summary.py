@@ -14,7 +14,6 @@ from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
-from mm_jax.data import layout
 from mm_jax.models.multimodel import MultiModel, TaskSignature
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/multimodel.py[:size,...]")
@@ -43,7 +42,7 @@ def example_tasks(config, num_classes: int, batch_size: int = 1):
       "target_space": space,
     },
     "audio_to_text": {
-      "inputs": np.zeros((batch_size, frames, layout.num_mel_bins(config)), np.float32),
+      "inputs": np.zeros((batch_size, frames, m.audio_num_mel_bins), np.float32),
       "inputs_mask": np.ones((batch_size, frames), np.float32),
       "targets": ids(text),
       "target_space": space,
