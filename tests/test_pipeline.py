@@ -335,3 +335,17 @@ def test_embedded_eval_batches_are_padded_with_references(embedded_config):
   assert all(isinstance(t, bytes) for t in last["raw_targets"])
   labels = list(pipeline.eval_batches(embedded_config, "image_classification", 1, data_parallel=8))
   assert len(labels) == 1 and labels[0]["targets"].shape == (8,)
+
+
+def _caches(ds) -> bool:
+  policy = tf.data.experimental.ExternalStatePolicy.WARN  # py_function maps hold Python state
+  return b"CacheDataset" in ds._as_serialized_graph(external_state_policy=policy).numpy()
+
+
+@pytest.mark.slow
+def test_only_the_endless_training_read_is_cached_in_memory(embedded_config):
+  # Held-out reads stop after a few batches: a cache there is filled, then thrown away.
+  tokenizer = pipeline.TrainIterator(embedded_config, data_parallel=8).tokenizer
+  task = tasks.resolve("translate_de_en", "embedded")
+  assert _caches(pipeline.train_dataset(embedded_config, task, tokenizer, 8))
+  assert not _caches(pipeline.eval_dataset(embedded_config, task, tokenizer, 8))

@@ -116,8 +116,15 @@ def read_split(
   process_index: int = 0,
   process_count: int = 1,
   text_only: bool = False,
+  autocache: bool = False,
 ) -> tf.data.Dataset:
-  """This host's share of a split, raw (images left encoded)."""
+  """This host's share of a split, raw (images left encoded).
+
+  `autocache`: let TFDS keep a small split in memory as it is first read. Only the endless
+  training read gains (every later epoch comes from memory); a read that stops early (held-out
+  batches, the tokenizer's sentences) would fill a cache that tf.data then discards, with a
+  warning at every such stop.
+  """
   b = builder(config, task)
   if process_count > 1:
     split = tfds.split_for_jax_process(
@@ -130,7 +137,7 @@ def read_split(
     decoders = {"image": tfds.decode.SkipDecoding()}
   options = tf.data.Options()
   options.deterministic = True
-  read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=options)
+  read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=options, try_autocache=autocache)
   return b.as_dataset(
     split=split, shuffle_files=file_seed is not None, decoders=decoders, read_config=read_config
   )
@@ -353,6 +360,7 @@ def train_dataset(
     file_seed=seed,
     process_index=process_index,
     process_count=process_count,
+    autocache=True,
   )
   raw = raw.shuffle(_shuffle_buffer(config, task), seed=seed, reshuffle_each_iteration=True)
   ds = examples(config, task, tokenizer, raw.repeat(), seed=seed)
