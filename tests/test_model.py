@@ -155,6 +155,20 @@ def test_depthwise_shifted_gradient_matches_autodiff_of_grouped(kernel, dilation
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 3, 5)])
+def test_dense_dot_gradients_match_numpy(lead):
+  """dense_dot's written-out backward against float64 NumPy: grad @ w.T and x.T @ grad."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(*lead, 6))
+  w = rng.normal(size=(6, 4))
+  cot = rng.normal(size=(*lead, 4))
+  f = lambda x, w: jnp.vdot(blocks.dense_dot(x, w), jnp.asarray(cot, jnp.float32))
+  dx, dw = jax.grad(f, argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(dx, cot @ w.T, rtol=1e-5, atol=1e-5)
+  want_dw = x.reshape(-1, 6).T @ cot.reshape(-1, 4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
 # Shapes: traced with eval_shape, nothing compiled.
 
 

@@ -177,6 +177,36 @@ class LayerNorm(nn.Module):
     return y.astype(x.dtype)
 
 
+@jax.custom_vjp
+def dense_dot(x, w):
+  """x @ w over x's last axis; the backward is written out for XLA:CPU (see _dense_dot_bwd)."""
+  return jnp.dot(x, w)
+
+
+def _dense_dot_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _dense_dot_bwd(saved, grad):
+  """dx = grad @ w.T; dw = x.T @ grad over the tokens flattened to one axis, grad materialised.
+
+  Autodiff's weight gradient contracts the tokens' axes of x and grad as they are, and XLA:CPU
+  then wrote grad transposed inside the fusion that produces it (a LayerNorm's backward, reading
+  its inputs across the grain) and ran the dot on its own emitter: 96 ms of such copies and 86 ms
+  of those dots in 1.68 s of the default step's kernel time. With one token axis, and grad kept
+  out of that fusion, they were 15 and 47 ms, and the step took 0.89-0.90x as long (one process,
+  rounds taken turn about; WORKSPACE.md, session 26).
+  """
+  x, w = saved
+  dx = jnp.dot(grad, w.T)
+  grad = jax.lax.optimization_barrier(grad)
+  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, grad.reshape(-1, grad.shape[-1]))
+  return dx, dw
+
+
+dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+
+
 class Dense(nn.Module):
   """x @ W over the last axis, with logical names for the kernel's two axes."""
 
@@ -191,7 +221,7 @@ class Dense(nn.Module):
     w = self.param(
       "kernel", nn.with_logical_partitioning(init, self.axes), (x.shape[-1], self.features)
     )
-    y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+    y = dense_dot(x.astype(self.dtype), w.astype(self.dtype))
     if self.use_bias:
       b = self.param(
         "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,)
