@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The accelerator checks, in one call of a lent GPU machine: MoE ÷ dense FFN speed (issue #3) and
-# the model's train-step MFU against the device's own matmul peak (issue #2), default and paper
-# sizes. Each piece writes its table to OUTDIR; a piece that fails does not stop the others.
+# The accelerator checks, in one call of a lent GPU machine: MoE ÷ dense FFN speed and the
+# model's train-step MFU against the device's own matmul peak, default and paper sizes. Each piece writes its table to OUTDIR; a piece that fails does not stop the others.
 #   bash bench/gpu.sh OUTDIR
 set -uo pipefail
 out=${1:-/tmp/mm_jax_gpu}

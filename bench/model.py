@@ -111,7 +111,7 @@ def audio_net_macs(m, frames: int, bins: int) -> tuple[int, int]:
   """Multiply-adds per utterance (a full 3x3 stem, time-strided blocks, then the bins x channels
   -> d projection)."""
   widths = audio_widths(m.d, m.audio_blocks)
-  grid, c_in = strided_grid((frames, bins), (m.get("audio_stem_stride", 1), 1)), widths[0]
+  grid, c_in = strided_grid((frames, bins), (m.audio_stem_stride, 1)), widths[0]
   macs = math.prod(grid) * grid_taps((3, 3), grid) * c_in
   for features in widths:
     block, grid = xception_block_macs(grid, c_in, features, (2, 1))
@@ -166,7 +166,7 @@ def task_forward_macs(m, signature, inputs_shape, targets_shape) -> dict[str, in
   else:
     input_net, l_in = 0, inputs_shape[1]
   parts = {"input net": input_net, **encoder_macs(m, l_in)}
-  if signature.input_modality == "audio" and m.get("audio_ctc_weight", 0.0) > 0:
+  if signature.input_modality == "audio" and m.audio_ctc_weight > 0:
     # The projection, then optax's CTC: a one-hot gather of the label scores written as an einsum
     # [T, V] x [N, V], and a [N + 1] one-hot pick of the final score.
     labels = targets_shape[1]

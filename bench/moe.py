@@ -254,7 +254,7 @@ def bytes_rows(size: str) -> list[dict]:
       num_experts=8, k=k, hidden=hidden, capacity_factor_train=1.0, group_size=1024,
       dispatch=dispatch,
     )  # fmt: skip
-    with mesh, nn.logical_axis_rules(sharding.logical_rules({"expert": rule})):
+    with sharding.activate(mesh, sharding.logical_rules({"expert": rule})):
       boxed = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(x.shape), None)
       specs = nn.get_partition_spec(boxed["params"])
       param_shardings = nn.unbox(nn.logical_to_mesh_sharding(specs, mesh))

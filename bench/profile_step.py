@@ -7,7 +7,7 @@ then traces `--steps` more with jax.profiler and charges each kernel's time to i
 instruction, whose metadata names the jax op and the module it came from (op_name). Kernels run on
 every core, so the time is summed over threads, and the profiler slows each step: read the shares
 (a kernel's part of all kernel time in the traced steps), not the milliseconds, as the measure.
-The MFU goals of issues #2 and #5 need the non-matmul shares to shrink: this shows which.
+A higher MFU needs the non-matmul shares to shrink: this shows which.
 """
 
 import collections

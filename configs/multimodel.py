@@ -28,10 +28,9 @@ TRANSLATION_TASKS = tuple(t for t in ALL_TASKS if t.startswith("translate_"))
 
 def _model(size: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  # Default: d=192 with the audio stem striding time (below) took a 0.760 s step against 0.832 s
-  # for d=128 without it (2026-12-06), with 1.46x the analytic FLOPs: the wider matmuls use the
-  # CPU better (MFU 36.5% against 24.6% that hour; 32-39% over that afternoon), and three seeds
-  # met every bar (README).
+  # Default d=192 with the audio stem striding time (below): a step about 0.9x as long as d=128
+  # without it, for 1.46x the analytic FLOPs (the wider matmuls use the CPU better), and seeds
+  # 0-2 meet every quality bar (docs/default_config.md).
   m.d = {"tiny": 32, "default": 192, "paper": 1536}[size]
   m.num_heads = {"tiny": 2, "default": 4, "paper": 16}[size]
   # The default run sees each example only a few times: dropout would only slow it down.
@@ -64,7 +63,7 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # Output spaces that get a learned "To-..." embedding at the decoder's first position.
   m.target_spaces = ("en", "de", "fr", "parse", "class")
   m.vocab_size = {"tiny": 256, "default": 2000, "paper": 32000}[size]
-  # Image entry flow widths are min(128, d), min(256, d), d (DESIGN.md §1).
+  # Image entry flow widths are min(128, d), min(256, d), d (the paper's Xception entry flow).
   m.image_channels = 3
   m.audio_num_mel_bins = 80 if size == "paper" else 40
   m.audio_blocks = 2  # residual blocks each striding time by 2
@@ -171,7 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The default run holds the peak and decays over its last quarter: speech learns fast only once
   # the decoder's attention finds the audio (steps 450-550, by seed), when a cosine had already
   # spent most of its rate. Speech WER, seeds 0-2: cosine 28.96, 39.48, 33.33; wsd 13.59, 18.93,
-  # 12.14 (seed 3: 14.24; README).
+  # 12.14 (seed 3: 14.24; docs/default_config.md).
   o.decay = "wsd" if size == "default" else "rsqrt"  # "rsqrt" | "cosine" | "wsd" | "constant"
   o.cooldown_fraction = 0.25  # "wsd": the last quarter of the run decays linearly to zero
   o.b1 = 0.85

@@ -6,13 +6,12 @@ libtpu (the `aot` extra) describes a slice's devices on this CPU machine; the tr
 step, lowered with ShapeDtypeStructs that carry shardings on a mesh of those devices, compiles to
 TPU code. No data is read: batch shapes come from the config. The report gives per-device memory
 against the chip's HBM and every collective with its bytes; a step that cannot fit fails here, at
-compile time, with one line and the numbers. Measured on 2 CPU cores: `:paper` for v5p-64 takes
-about 12 minutes and 18 GB of host memory, 23 GB with two slices (WORKSPACE.md has the report).
+compile time, with one line and the numbers. On 2 CPU cores `:paper` for v5p-64 takes about 10-12
+minutes and 13-18 GB of host memory, more with two slices (docs/performance.md has the report).
 """
 
 import collections
 import dataclasses
-import functools
 import os
 import re
 import sys
@@ -25,15 +24,13 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
-from mm_jax import optimizer, sharding, train, validation  # noqa: E402
-from mm_jax.data import layout  # noqa: E402
-from mm_jax.models.multimodel import MultiModel  # noqa: E402
-from mm_jax.sharding import ConfigError  # noqa: E402
+from mm_jax import run as run_lib  # noqa: E402
+from mm_jax import sharding  # noqa: E402
+from mm_jax.errors import ConfigError  # noqa: E402
 
 GIB = 1024**3
 
@@ -116,49 +113,27 @@ def slice_mesh(mesh_config, devices, num_slices: int) -> Mesh:
   return Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Compiled:
   compiled: object
-  mesh: Mesh
-  num_params: int
-  plan: tuple
+  run: run_lib.Run
 
 
 def compile_train_step(config, devices, num_slices: int = 1) -> Compiled:
-  """Lowers and compiles train.py's jitted step for `devices` (raises DoesNotFit when too big)."""
-  validation.validate(config, num_devices=len(devices), check_data=False)
+  """Lowers and compiles the run's jitted train step for `devices` (DoesNotFit when too big)."""
   mesh = slice_mesh(config.mesh, devices, num_slices)
-  rules = sharding.config_rules(config)
-  tasks = layout.build_tasks(config)
-  sizes = layout.task_batch_sizes(config, sharding.data_parallel_size(mesh))
-  plan, batch_specs = train.step_batch_specs(config, tasks, sizes)
-
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
-  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
-  abstract_state, state_shardings = train.state_layout(init, batch_specs, mesh, rules)
-  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch_specs)
-  jit_step = train.jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
-
-  with_shardings = lambda tree, shardings: jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
+  run = run_lib.build(config, mesh=mesh, check_data=False)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding.replicated(mesh))
-  with sharding.activate(mesh, rules):
-    lowered = jit_step.lower(
-      with_shardings(abstract_state, state_shardings),
-      with_shardings(batch_specs, batch_shardings),
-      rng,
-    )
+  with run.activate():
+    lowered = run.jit_step().lower(run.sharded_state_specs(), run.sharded_batch_specs(), rng)
   try:
     compiled = lowered.compile()
   except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a message
     if "RESOURCE_EXHAUSTED" not in str(error):
       raise
     raise DoesNotFit(_out_of_memory_line(str(error))) from None
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-  return Compiled(compiled, mesh, num_params, plan)
+  return Compiled(compiled, run)
 
 
 def _out_of_memory_line(message: str) -> str:
@@ -299,10 +274,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 def report(name: str, num_slices: int, result: Compiled) -> str:
   hbm = SLICES[name].hbm_bytes
   memory = memory_per_device(result.compiled)
-  mesh = dict(result.mesh.shape)
+  run = result.run
+  mesh = dict(run.mesh.shape)
   lines = [
-    f"topology {name} x {num_slices} slice(s): {result.mesh.size} devices, mesh {mesh}",
-    f"parameters {result.num_params:,}; task groups {[g.name for g in result.plan]}",
+    f"topology {name} x {num_slices} slice(s): {run.mesh.size} devices, mesh {mesh}",
+    f"parameters {run.num_params:,}; task groups {[g.name for g in run.plan]}",
     "",
     f"{'memory per device':<20}{'GiB':>10}",
   ]

@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from mm_jax.sharding import ConfigError
+from mm_jax.errors import ConfigError
 
 # Orbax writes a replicated array "replica-parallel": each replica writes a slice of it, cut on
 # the device by an eager slice that compiles a program of its own per shape and device (a few

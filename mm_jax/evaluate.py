@@ -13,20 +13,24 @@ from mm_jax.data import pipeline
 
 
 class Evaluator:
-  """Holds the fixed held-out batches and the jitted eval functions for one model."""
+  """Holds the fixed held-out batches and the jitted eval functions for one run's model.
 
-  def __init__(self, config, model, plan, tasks, mesh, rules, tokenizer):
-    self.config = config
-    self.model = model
-    self.tasks = tasks
-    self.mesh = mesh
-    self.rules = rules
-    self.signature_of = {t: g.signature for g in plan for t in g.tasks}
+  `tasks` (default: all of the run's) names the tasks to evaluate; `config` (default: the run's)
+  may change what evaluation alone reads: config.train.eval_batches and config.decode.
+  """
+
+  def __init__(self, run, tokenizer, tasks=None, config=None):
+    self.config = config or run.config
+    self.model = run.model
+    self.tasks = {name: run.tasks[name] for name in (tasks or run.tasks)}
+    self.mesh = run.mesh
+    self.rules = run.rules
+    self.signature_of = {t: g.signature for g in run.plan for t in g.tasks}
     self.tokenizer = tokenizer
-    self.batches = {name: self._held_out(name) for name in tasks}
+    self.batches = {name: self._held_out(name) for name in self.tasks}
     self._forward = jax.jit(self._forward_fn, static_argnames="signature")
     # Cached greedy or beam search, as config.decode says (mm_jax/decode.py).
-    self._decode = decode.jit_decoder(model, config.decode)
+    self._decode = decode.jit_decoder(self.model, self.config.decode)
 
   def _held_out(self, name):
     if self.config.train.eval_batches == 0:
@@ -135,27 +139,27 @@ def main(argv):
   del argv
   values = flags.FLAGS
   try:
-    run = predict.load_run(values.workdir, values.config)
-    chosen = values.tasks.split(",") if values.tasks else list(run.tasks)
-    unknown = [t for t in chosen if t not in run.tasks]
+    trained = predict.load_trained(values.workdir, values.config)
+    tasks = trained.run.tasks
+    chosen = values.tasks.split(",") if values.tasks else list(tasks)
+    unknown = [t for t in chosen if t not in tasks]
     if unknown:
-      raise predict.PredictError(f"unknown task(s) {unknown}: this run has {', '.join(run.tasks)}")
+      raise predict.PredictError(f"unknown task(s) {unknown}: this run has {', '.join(tasks)}")
   except predict.PredictError as error:
     print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
-  config = run.config
+  config = trained.run.config.copy_and_resolve_references()
   if values.eval_batches is not None:
     config.train.eval_batches = values.eval_batches
   if values.beam_size is not None:
     config.decode.beam_size = values.beam_size
-  tasks = {name: run.tasks[name] for name in chosen}
-  evaluator = Evaluator(config, run.model, run.plan, tasks, run.mesh, run.rules, run.tokenizer)
-  results = evaluator.evaluate(run.params)
-  print(f"step {run.step}, beam size {config.decode.beam_size}")
+  evaluator = Evaluator(trained.run, trained.tokenizer, chosen, config)
+  results = evaluator.evaluate(trained.params)
+  print(f"step {trained.step}, beam size {config.decode.beam_size}")
   print(Evaluator.table(results), flush=True)
   if jax.process_index() == 0:
-    path = epath.Path(values.workdir) / f"eval_step{run.step}.json"
-    path.write_text(json.dumps({"step": run.step, "results": results}, indent=2))
+    path = epath.Path(values.workdir) / f"eval_step{trained.step}.json"
+    path.write_text(json.dumps({"step": trained.step, "results": results}, indent=2))
     print(f"wrote {path}")
 
 

@@ -87,18 +87,18 @@ def _spectrogram_picture(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return (255 * scaled).astype(np.uint8)
 
 
-def task_entries(run, predictor, task, count: int) -> list[Entry]:
+def task_entries(trained, predictor, task, count: int) -> list[Entry]:
   """Featurised, predicted and paired with references: one Entry per held-out example."""
   modality = task.signature.input_modality
   fields, examples = [], []
-  for raw in held_out_raw(run.config, task, count):
+  for raw in held_out_raw(trained.config, task, count):
     try:
       if modality == "image":
-        example = predict.image_example(run.config, task, raw["image"])
+        example = predict.image_example(trained.config, task, raw["image"])
       elif modality == "audio":
-        example = predict.audio_example(run.config, raw["speech"].astype(np.int16))
+        example = predict.audio_example(trained.config, raw["speech"].astype(np.int16))
       else:
-        example = predict.text_example(run.config, task, run.tokenizer, raw["input_text"])
+        example = predict.text_example(trained.config, task, trained.tokenizer, raw["input_text"])
     except predict.PredictError:
       continue  # e.g. audio longer than the model takes: the trainer drops those too
     example["target_space"] = np.int32(task.target_space_id)
@@ -108,7 +108,7 @@ def task_entries(run, predictor, task, count: int) -> list[Entry]:
   entries = []
   for raw, example, output in zip(fields, examples, outputs):
     if task.signature.target_modality == "categorical":
-      reference = predict.class_names(run.config, task)[int(raw["label"])]
+      reference = predict.class_names(trained.config, task)[int(raw["label"])]
     else:
       reference = raw["target_text"]
     if modality == "image":
@@ -226,10 +226,12 @@ def _clip(text: str, limit: int) -> str:
 
 def build(workdir: str, config=None, examples: int = 3, output_dir: str | None = None):
   """Writes gallery.html and gallery.png; returns their paths."""
-  run = predict.load_run(workdir, config)
-  predictor = predict.Predictor(run)
-  tasks = [(name, task_entries(run, predictor, task, examples)) for name, task in run.tasks.items()]
-  title = f"MultiModel gallery: {os.path.abspath(workdir)}, step {run.step}"
+  trained = predict.load_trained(workdir, config)
+  predictor = predict.Predictor(trained)
+  tasks = [
+    (name, task_entries(trained, predictor, task, examples)) for name, task in trained.tasks.items()
+  ]
+  title = f"MultiModel gallery: {os.path.abspath(workdir)}, step {trained.step}"
   output_dir = output_dir or workdir
   os.makedirs(output_dir, exist_ok=True)
   html_path = os.path.join(output_dir, "gallery.html")

@@ -38,20 +38,32 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 class _LibraryInfoFilter:
-  """Keeps INFO lines from our code and clu's writers; libraries' INFO chatter is dropped."""
+  """Keeps INFO lines from our code; libraries' INFO chatter is dropped, and so are the warnings
+  every run gets that say nothing about this run (a dataset folder being built, a deprecated
+  TFDS field read inside TFDS, orbax registering its array handler)."""
 
-  _NOISY = ("tensorflow_datasets", "orbax", "etils", "jax/_src")
+  _NOISY = ("tensorflow_datasets", "orbax", "etils", "jax/_src", "clu/")
+  _ROUTINE_WARNINGS = (
+    "has no dataset_info.json",
+    "`FeatureConnector.dtype` is deprecated",
+    "Type handler registry type",
+  )
 
   def filter(self, record):
-    if record.levelno >= 30:  # warnings and errors always pass
-      return True
+    if record.levelno >= 30:  # warnings and errors pass, unless routine
+      message = str(record.msg)
+      return not any(part in message for part in self._ROUTINE_WARNINGS)
     return not any(part in record.pathname for part in self._NOISY)
 
 
 def _quiet_library_logs():
+  """On the handlers, not a logger: libraries log through loggers of their own (or the root),
+  whose records reach absl's handler without passing another logger's filters."""
   import logging as std_logging
 
-  std_logging.getLogger("absl").addFilter(_LibraryInfoFilter())
+  library_filter = _LibraryInfoFilter()
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(library_filter)
 
 
 def _one_line(error: BaseException) -> str:
@@ -102,7 +114,7 @@ def main(argv):
     )
   from mm_jax import train
   from mm_jax.checkpointing import CheckpointError
-  from mm_jax.sharding import ConfigError
+  from mm_jax.errors import ConfigError
 
   logging.info(
     "devices: %d (%s), processes: %d",

@@ -102,8 +102,8 @@ def restart_with_tuned_malloc() -> None:
   preloaded as well (it then serves every malloc of XLA, TensorFlow and Python): the default
   run's start took about 20 CPU-s less, but its 800 steps peaked at 7.0 GB resident against about
   4 GB; with `purge_freed_memory_at_once` after the first step, 4.6 GB, but each step then faults
-  its buffers in anew, hence opt-in (WORKSPACE.md, *The allocator*). Both are read only at
-  process start, hence the re-exec; call this before anything heavy is imported.
+  its buffers in anew, hence opt-in (docs/performance.md, *Memory and the allocator*). Both are
+  read only at process start, hence the re-exec; call this before anything heavy is imported.
   """
   if os.environ.get(RESTARTED_ENV) is not None:
     return

@@ -42,7 +42,8 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
   The update is the same elementwise math; what changes is the program. Per leaf, the norm, the
   moments and the update are separate kernels: the default model's 252 leaves made about 600 of
   its step's 3466 fusions. In one vector the step compiled in 10-15 fewer CPU-seconds on 2 cores
-  (WORKSPACE.md). The vector is replicated: it needs every parameter replicated (validation.py).
+  (docs/performance.md). The vector is replicated: it needs every parameter replicated
+  (validation.py).
   """
   adam = optax.adamw if opt_config.weight_decay else optax.adam
   kwargs = {"weight_decay": opt_config.weight_decay} if opt_config.weight_decay else {}
@@ -60,7 +61,7 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
 
 
 def is_flat(opt_config) -> bool:
-  return bool(opt_config.get("flatten", False))  # configs saved before the field: per leaf
+  return bool(opt_config.flatten)
 
 
 def global_norm(grads, flat: bool) -> jax.Array:

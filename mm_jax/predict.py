@@ -6,8 +6,8 @@ Inputs go through the same featurisation as training (mm_jax/data/pipeline.py), 
 restored from the workdir's newest checkpoint with the run's own config (`config.json`, written by
 the trainer) unless `--config` names one. Every user mistake ends in one line on stderr.
 
-`load_run` (config, mesh, model, restored parameters) also serves `python -m mm_jax.evaluate` and
-`python -m mm_jax.gallery`.
+`load_trained` (the run built from the config, the restored parameters) also serves
+`python -m mm_jax.evaluate` and `python -m mm_jax.gallery`.
 """
 
 import dataclasses
@@ -43,57 +43,51 @@ def load_config(workdir: str, config=None):
     raise PredictError(
       f"{path} not found: pass the run's config with --config=configs/multimodel.py:SIZE"
     )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  from mm_jax import validation
+
+  return validation.complete_saved_config(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
-@dataclasses.dataclass
-class Run:
-  config: object
-  model: object
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained run: its static parts (run.Run), the restored parameters and their step."""
+
+  run: object  # mm_jax.run.Run
   params: dict
   step: int
-  mesh: object
-  rules: object
-  tasks: dict
-  plan: tuple
-  tokenizer: object
+  tokenizer: object  # None when no task of the run has text
+
+  @property
+  def config(self):
+    return self.run.config
+
+  @property
+  def tasks(self) -> dict:
+    return self.run.tasks
 
 
-def load_run(workdir: str, config=None) -> Run:
+def load_trained(workdir: str, config=None) -> Trained:
   """Restores the newest readable checkpoint of `workdir` onto a mesh built from its config."""
-  import ml_collections
-
-  from mm_jax import optimizer, sharding, train
-  from mm_jax.data import layout, tokenizer
-  from mm_jax.models.multimodel import MultiModel
+  from mm_jax import run as run_lib
+  from mm_jax.data import layout, pipeline
 
   config = load_config(workdir, config)
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.is_dir() or not any(d.name.isdigit() for d in directory.iterdir()):
     raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.config_rules(config)
-  tasks = layout.build_tasks(config)
-  rows = sharding.data_parallel_size(mesh)  # any batch gives the params' shapes
-  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, rows))
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
-  tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
-  abstract, shardings = train.state_layout(init, specs, mesh, rules)
-  step, state = _restore_state(directory, abstract, shardings)
+  # One row per data-parallel shard: the parameters' shapes do not depend on the batch.
+  run = run_lib.build(config, rows_per_shard=1, check_data=False)
+  step, state = _restore_state(directory, run.sharded_state_specs())
   needs_text = bool(layout.text_task_names(config))
-  tok = tokenizer.load_or_train(config) if needs_text else None
-  return Run(config, model, state.params, step, mesh, rules, tasks, plan, tok)
+  tok = pipeline.load_or_train_tokenizer(config) if needs_text else None
+  return Trained(run, state.params, step, tok)
 
 
-def _restore_state(directory, abstract, shardings):
+def _restore_state(directory, target):
   """(step, state) of the newest checkpoint whose train state reads back; the data iterator's
   position is not needed for inference and is not read."""
   import orbax.checkpoint as ocp
 
-  from mm_jax import checkpointing
-
-  target = checkpointing.abstract_with_shardings(abstract, shardings)
   with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
@@ -206,14 +200,15 @@ def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
   return {"inputs": out["inputs"].numpy(), "inputs_mask": out["inputs_mask"].numpy()}
 
 
-def make_example(run: Run, task, user_input: str) -> dict:
+def make_example(trained: Trained, task, user_input: str) -> dict:
   modality = task.signature.input_modality
   if modality == "language":
-    example = text_example(run.config, task, run.tokenizer, user_input)
+    example = text_example(trained.config, task, trained.tokenizer, user_input)
   elif modality == "image":
-    example = image_example(run.config, task, _read_file(user_input), user_input)
+    example = image_example(trained.config, task, _read_file(user_input), user_input)
   else:
-    example = audio_example(run.config, read_wav(_read_file(user_input), user_input), user_input)
+    samples = read_wav(_read_file(user_input), user_input)
+    example = audio_example(trained.config, samples, user_input)
   example["target_space"] = np.int32(task.target_space_id)
   return example
 
@@ -225,35 +220,35 @@ def make_example(run: Run, task, user_input: str) -> dict:
 class Predictor:
   """Decodes (or classifies) lists of examples for any task of a restored run."""
 
-  def __init__(self, run: Run, beam_size: int | None = None):
+  def __init__(self, trained: Trained, beam_size: int | None = None):
     import jax
 
     from mm_jax import decode
 
-    self.run = run
-    self._decode = decode.jit_decoder(run.model, run.config.decode, beam_size)
+    self.trained = trained
+    self._decode = decode.jit_decoder(trained.run.model, trained.config.decode, beam_size)
     self._classify = jax.jit(self._classify_fn, static_argnames="signature")
-    self.rows = sharding_rows(run)
+    self.rows = sharding_rows(trained.run)
 
   def _classify_fn(self, params, batch, signature):
     def logits_of(module):
       encoded, mask, _ = module.encode(batch, signature, train=False)
       return module.decode(encoded, mask, None, None, signature, train=False)[0]
 
-    return self.run.model.apply({"params": params}, method=logits_of)
+    return self.trained.run.model.apply({"params": params}, method=logits_of)
 
   def outputs(self, task_name: str, examples: list[dict]) -> list[str]:
     """One output string per example: decoded text, or the class (name when known)."""
-    task = self.run.tasks[task_name]
+    task = self.trained.tasks[task_name]
     raw = self.raw_outputs(task_name, examples)
     if task.signature.target_modality == "categorical":
-      names = class_names(self.run.config, task)
+      names = class_names(self.trained.config, task)
       return [names[int(np.argmax(row))] for row in raw]
     return [self.detokenize(ids) for ids in raw]
 
   def raw_outputs(self, task_name: str, examples: list[dict]):
     """Token id lists (language) or logits rows (categorical), one per example."""
-    task = self.run.tasks[task_name]
+    task = self.trained.tasks[task_name]
     out = []
     for start in range(0, len(examples), self.rows):
       chunk = examples[start : start + self.rows]
@@ -268,20 +263,20 @@ class Predictor:
     padded = chunk + [_zeros_like(chunk[0])] * (self.rows - len(chunk))
     arrays = {k: np.stack([ex[k] for ex in padded]) for k in chunk[0]}
     signature = task.signature
-    with sharding.activate(self.run.mesh, self.run.rules):
-      batch = sharding.global_batch(arrays, self.run.mesh)
+    with self.trained.run.activate():
+      batch = sharding.global_batch(arrays, self.trained.run.mesh)
       if signature.target_modality == "categorical":
-        logits = self._classify(self.run.params, batch, signature=signature)
+        logits = self._classify(self.trained.params, batch, signature=signature)
         return list(np.asarray(jax.device_get(logits)))
-      tokens = self._decode(self.run.params, batch, signature=signature)
+      tokens = self._decode(self.trained.params, batch, signature=signature)
     return decode.strip_after_eos(tokens)
 
   def detokenize(self, ids) -> str:
-    tok = self.run.tokenizer
+    tok = self.trained.tokenizer
     return tok.decode([i for i in ids if i < tok.vocab_size])
 
 
-def sharding_rows(run: Run, at_least: int = 8) -> int:
+def sharding_rows(run, at_least: int = 8) -> int:
   """Rows per device batch: a multiple of the data-parallel size, one compile per task."""
   from mm_jax import sharding
 
@@ -344,12 +339,12 @@ def main(argv):
   flags = FLAGS
   try:
     inputs = inputs_from(argv[1:], flags.batch_file)
-    run = load_run(flags.workdir, flags.config)
-    if flags.task not in run.tasks:
-      raise PredictError(f"unknown task {flags.task!r}: this run has {', '.join(run.tasks)}")
-    task = run.tasks[flags.task]
-    examples = [make_example(run, task, x) for x in inputs]
-    outputs = Predictor(run, flags.beam_size).outputs(flags.task, examples)
+    trained = load_trained(flags.workdir, flags.config)
+    if flags.task not in trained.tasks:
+      raise PredictError(f"unknown task {flags.task!r}: this run has {', '.join(trained.tasks)}")
+    task = trained.tasks[flags.task]
+    examples = [make_example(trained, task, x) for x in inputs]
+    outputs = Predictor(trained, flags.beam_size).outputs(flags.task, examples)
   except PredictError as error:
     print(f"predict: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -13,6 +13,8 @@ import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mm_jax.errors import ConfigError
+
 # Mesh axes, outermost first. `data` and `expert` both split the batch (GShard style); `expert`
 # additionally splits the experts, `model` splits hidden/head/vocab dimensions.
 MESH_AXES = ("data", "expert", "model")
@@ -37,10 +39,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("conv_kernel", None),
   ("target_space", None),
 )
-
-
-class ConfigError(ValueError):
-  """A bad configuration value: the message is one line naming the field and the fix."""
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -130,8 +128,8 @@ def rules_config() -> dict[str, str]:
 
 
 def config_rules(config):
-  """The rules a config asks for (configs saved before mesh_rules existed get the defaults)."""
-  return logical_rules(config.get("mesh_rules"))
+  """The rules a config asks for."""
+  return logical_rules(config.mesh_rules)
 
 
 def mesh_axes_of(rules, name: str) -> tuple[str, ...]:

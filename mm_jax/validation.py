@@ -9,11 +9,48 @@ import uuid
 from etils import epath
 
 from mm_jax import sharding
-from mm_jax.sharding import ConfigError
+from mm_jax.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16")
 # Generators config.train.init_prng_impl may name; the first is the default.
 INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+# Fields added to the config after runs were already saved, each with the behaviour runs had
+# before it existed: a workdir's config.json from then still loads (predict, evaluate, gallery).
+# Everywhere else fields are read strictly: a default there would hide a misspelt name.
+FIELDS_ADDED_LATER = {
+  "model.audio_stem_stride": 1,
+  "model.audio_ctc_weight": 0.0,
+  "model.pack_groups": False,
+  "model.moe.eval_drops": False,
+  "optimizer.flatten": False,
+  "train.microbatches": 1,
+  "train.init_prng_impl": INIT_PRNG_IMPLS[0],
+  "train.inject_nonfinite_steps": (),
+  "train.loss_weights": {},
+  "data.text_overlength": "truncate",
+  "data.tokenizer_sentences_per_task": 100_000,
+  "data.parse_pos_tags": "keep",
+  "data.input_lengths": {},
+  "data.target_lengths": {},
+  "mesh_rules": sharding.rules_config(),
+}
+
+
+def complete_saved_config(config):
+  """Adds the FIELDS_ADDED_LATER a saved config lacks, in place; returns it."""
+  import ml_collections
+
+  for path, value in FIELDS_ADDED_LATER.items():
+    *parents, field = path.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if field not in node:
+      with node.unlocked():
+        node[field] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return config
 
 
 def _require(condition: bool, message: str):
@@ -81,12 +118,12 @@ def _validate_model(m, mesh, expert_axes):
       isinstance(value, int) and value >= 0, f"config.model.{name}={value!r}: use an integer >= 0"
     )
   _require(m.ffn in ("moe", "dense"), f"config.model.ffn={m.ffn!r}: use 'moe' or 'dense'")
-  ctc = m.get("audio_ctc_weight", 0.0)
+  ctc = m.audio_ctc_weight
   _require(
     isinstance(ctc, int | float) and ctc >= 0,
     f"config.model.audio_ctc_weight={ctc!r}: use a number >= 0 (0 turns the CTC loss off)",
   )
-  _positive_int(m.get("audio_stem_stride", 1), "config.model.audio_stem_stride")
+  _positive_int(m.audio_stem_stride, "config.model.audio_stem_stride")
   _positive_int(m.vocab_size, "config.model.vocab_size")
   _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
   _require(m.dtype in _DTYPES, f"config.model.dtype={m.dtype!r}: use one of {_DTYPES}")
@@ -121,7 +158,7 @@ def _validate_optimizer(o, mesh, rules):
   decays = ("rsqrt", "cosine", "wsd", "constant")
   _require(o.decay in decays, f"config.optimizer.decay={o.decay!r}: use one of {decays}")
   if o.decay == "wsd":
-    f = o.get("cooldown_fraction")
+    f = o.cooldown_fraction
     _require(
       _is_number(f) and 0 < f <= 1,
       f"config.optimizer.cooldown_fraction={f!r}: use a value in (0, 1] (the share of the run"
@@ -134,7 +171,7 @@ def _validate_optimizer(o, mesh, rules):
     o.grad_clip_norm > 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm!r}: use a value > 0"
   )
   _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
-  if o.get("flatten", False):
+  if o.flatten:
     # One replicated vector holds every parameter: none may be split.
     for name, _ in rules:
       for axis in () if name in ACTIVATION_ONLY_AXES else sharding.mesh_axes_of(rules, name):
@@ -150,7 +187,7 @@ def _validate_train(t):
   for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _positive_int(t[name], f"config.train.{name}")
   _positive_int(t.max_consecutive_nonfinite, "config.train.max_consecutive_nonfinite")
-  _positive_int(t.get("microbatches", 1), "config.train.microbatches")
+  _positive_int(t.microbatches, "config.train.microbatches")
   _require(
     isinstance(t.eval_batches, int) and t.eval_batches >= 0,
     f"config.train.eval_batches={t.eval_batches!r}: use an integer >= 0",
@@ -160,10 +197,10 @@ def _validate_train(t):
     f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
   )
   _require(
-    t.get("init_prng_impl", INIT_PRNG_IMPLS[0]) in INIT_PRNG_IMPLS,
-    f"config.train.init_prng_impl={t.get('init_prng_impl')!r}: use one of {INIT_PRNG_IMPLS}",
+    t.init_prng_impl in INIT_PRNG_IMPLS,
+    f"config.train.init_prng_impl={t.init_prng_impl!r}: use one of {INIT_PRNG_IMPLS}",
   )
-  inject = t.get("inject_nonfinite_steps", ())
+  inject = t.inject_nonfinite_steps
   _require(
     isinstance(inject, tuple | list)
     and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in inject),
@@ -189,12 +226,12 @@ def _validate_data(config, mesh):
   for name in ("max_text_length", "max_audio_frames", "image_size", "caption_image_size"):
     _positive_int(d[name], f"config.data.{name}")
   for field in ("input_lengths", "target_lengths"):
-    for name, length in (d.get(field) or {}).items():
+    for name, length in (d[field] or {}).items():
       _require(
         name in known, f"config.data.{field} names unknown task {name!r}: use some of {known}"
       )
       _positive_int(length, f"config.data.{field}.{name}")
-  for name, weight in (config.train.get("loss_weights") or {}).items():
+  for name, weight in (config.train.loss_weights or {}).items():
     _require(
       name in known, f"config.train.loss_weights names unknown task {name!r}: use some of {known}"
     )
@@ -204,7 +241,7 @@ def _validate_data(config, mesh):
     )
   data_parallel = mesh["data"] * mesh["expert"]
   sizes = layout.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
-  microbatches = config.train.get("microbatches", 1)
+  microbatches = config.train.microbatches
   for name, size in sizes.items():
     per_shard = size // data_parallel
     examples = "example" if per_shard == 1 else "examples"
@@ -236,7 +273,7 @@ def _check_paper_sources(config):
       continue
     field = source.manual_dir_field
     if field:
-      manual = config.data.get(field)
+      manual = config.data[field]
       _require(
         bool(manual) and os.path.isdir(os.path.expanduser(manual)),
         f"config.data.{field}={manual!r}: task {task.name} needs {source.tfds_name} prepared in "

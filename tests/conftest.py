@@ -51,7 +51,7 @@ def tiny_data_dir(tmp_path_factory):
   return built_once.build_once(built_once.shared_root(tmp_path_factory) / "tiny_data", build)
 
 
-# Test files that take a minute or more on 2 cores, longest first (as timed on 2026-11-27).
+# Test files that take a minute or more on 2 cores, longest first.
 # `--dist loadfile` hands each worker whole files in collection order (setup.cfg turns off xdist's
 # own order, most tests first, which ran the one-test files of several minutes last, each alone).
 LONGEST_FIRST = (

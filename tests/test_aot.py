@@ -1,16 +1,11 @@
 """Ahead-of-time compilation for TPU slices on this CPU machine (libtpu from the test extra)."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
 
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import aot, grouping  # noqa: E402
 from mm_jax.data import layout, pipeline  # noqa: E402
 

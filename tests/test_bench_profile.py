@@ -1,13 +1,8 @@
 """bench/profile_step.py: kernels found in a real profile, and how they are charged."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import profile_step  # noqa: E402
 

@@ -8,15 +8,11 @@ padding the analytic count deliberately leaves out.
 """
 
 import math
-import os
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import model as model_bench  # noqa: E402
 from configs.multimodel import get_config  # noqa: E402

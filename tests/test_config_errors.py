@@ -10,11 +10,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
-
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import train, validation  # noqa: E402
-from mm_jax.sharding import ConfigError  # noqa: E402
+from mm_jax.errors import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,8 +3,6 @@ drops at inference, and the metrics agree with hand-computed values."""
 
 import functools
 import math
-import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,9 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
-
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import decode, metrics, sharding  # noqa: E402
 from mm_jax.models.moe import MoE  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402

@@ -11,10 +11,11 @@ import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import aot, grouping, sharding, train, validation
+from mm_jax import aot, grouping, sharding, validation
+from mm_jax import step as step_lib
 from mm_jax.data import layout, pipeline
+from mm_jax.errors import ConfigError
 from mm_jax.models.multimodel import MultiModel
-from mm_jax.sharding import ConfigError
 
 # A categorical task and a group of two text tasks (split back per task by task_index): both
 # kinds of per-token mean. The dense FFN and no CTC loss: the MoE's balance loss and the CTC loss
@@ -45,7 +46,7 @@ def real_batch(tiny_data_dir):
   config = config_with(tiny_data_dir, 1)
   pipeline.ensure_prepared(config)
   tasks = layout.build_tasks(config)
-  plan, specs = train.step_batch_specs(config, tasks, layout.task_batch_sizes(config, 8))
+  plan, specs = step_lib.step_batch_specs(config, tasks, layout.task_batch_sizes(config, 8))
   first = next(pipeline.TrainIterator(config, data_parallel=8))
   return plan, specs, grouping.merge_batches(plan, first)
 
@@ -55,12 +56,12 @@ def compiled_step(config, plan, specs, devices):
   rules = sharding.config_rules(config)
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = gradient_recorder()
-  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
-  _, state_shardings, jit_init = train.traced_init(init, specs, mesh, rules)
+  init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
+  _, state_shardings, jit_init = step_lib.traced_init(init, specs, mesh, rules)
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), specs)
-  step = train.jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
+  step = step_lib.jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardings)
   with sharding.activate(mesh, rules):
-    state = jit_init(train.init_key(config))
+    state = jit_init(step_lib.init_key(config))
     compiled = step.lower(state, specs, jax.random.key(0)).compile()
   return mesh, state, compiled
 

@@ -368,7 +368,7 @@ def test_sharded_matches_unsharded(devices, unsharded, mesh_config):
     kernel = sharded_vars["params"]["decoder"]["after_0"]["convs"]["group0_step0"]["conv"]
     assert not kernel["pointwise"]["kernel"].value.sharding.is_fully_replicated
   apply = functools.partial(packed_logits, model)
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.activate(mesh, rules):
     got = jit(apply, in_shardings=(param_shardings, batch_shardings))(sharded_vars, batches)
   for name in batches:
     np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=2e-5, err_msg=name)

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from scipy.stats import norm
 
 from mm_jax import sharding
+from mm_jax.errors import ConfigError
 from mm_jax.models import moe as moe_lib
 from mm_jax.models.moe import MoE, validate_moe_config
 
@@ -257,9 +258,7 @@ def shardings_of(layer, x, mask, mesh):
   return nn.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh))
 
 
-def loss_and_grads(
-  layer, params, x, mask, mesh, set_mesh=False, rules=RULES["experts_on_expert_axis"]
-):
+def loss_and_grads(layer, params, x, mask, mesh, rules=RULES["experts_on_expert_axis"]):
   """value_and_grad of a loss that uses the output, jitted with in/out shardings from the rules."""
 
   def loss(params, x):
@@ -268,9 +267,7 @@ def loss_and_grads(
 
   if mesh is None:
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
-  # The layer must find the mesh set either way (flax's own constraints see only set_mesh).
-  context = jax.set_mesh(mesh) if set_mesh else mesh
-  with context, nn.logical_axis_rules(rules):
+  with sharding.activate(mesh, rules):
     param_shardings = shardings_of(layer, x, mask, mesh)
     x_sharding = sharding.batch_sharding(mesh, 3)
     step = jax.jit(
@@ -290,9 +287,7 @@ def test_sharded_equals_unsharded(devices, dispatch, rules):
   want_value, want_grads = loss_and_grads(layer, params, x, mask, None)
   for name in MESHES:
     mesh = mesh_for(name, devices)
-    value, grads = loss_and_grads(
-      layer, params, x, mask, mesh, set_mesh=name == "expert8", rules=RULES[rules]
-    )
+    value, grads = loss_and_grads(layer, params, x, mask, mesh, rules=RULES[rules])
     np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=name)
     jax.tree.map(
       lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name),
@@ -311,7 +306,7 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispa
   layer = make_layer(num_experts=8, hidden=32, dispatch=dispatch)
   x, mask = random_inputs(16, 8, seed=2)
   mesh = mesh_for("data2_expert4", devices)
-  with mesh, nn.logical_axis_rules(RULES[rules]):
+  with sharding.activate(mesh, RULES[rules]):
     params = random_params(layer, x, seed=0)
     param_shardings = shardings_of(layer, x, mask, mesh)
     expert_axes = "expert" if rules == "experts_on_expert_axis" else ("data", "expert")
@@ -358,7 +353,7 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispa
 )
 def test_bad_config_raises_one_line_config_error(change, mesh_shape, field):
   validate_moe_config(GOOD, mesh_shape)  # the unchanged config is fine
-  with pytest.raises(sharding.ConfigError, match=rf"^config\.model\.moe\.{field}=") as info:
+  with pytest.raises(ConfigError, match=rf"^config\.model\.moe\.{field}=") as info:
     validate_moe_config({**GOOD, **change}, mesh_shape)
   assert "\n" not in str(info.value)
 
@@ -367,8 +362,7 @@ def test_layer_rejects_experts_not_dividing_the_mesh_before_compiling(devices):
   layer = MoE.from_config({**GOOD, "num_experts": 6})
   mesh = mesh_for("data2_expert4", devices)
   x = jnp.zeros((8, 4, D))
-  rules = nn.logical_axis_rules(sharding.logical_rules())
-  with mesh, rules, pytest.raises(sharding.ConfigError, match="num_experts=6"):
+  with sharding.activate(mesh), pytest.raises(ConfigError, match="num_experts=6"):
     jax.eval_shape(lambda: layer.init(jax.random.key(0), x, None))
 
 

@@ -16,12 +16,10 @@ import sys
 
 import numpy as np
 import pytest
+import short_kernels  # noqa: E402
 from xla_flags import xla_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
-import short_kernels  # noqa: E402
-
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
 
 pytestmark = pytest.mark.slow

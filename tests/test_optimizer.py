@@ -1,15 +1,10 @@
 """config.optimizer.flatten: the per-leaf optimizer's updates, from one vector of state."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
-
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import optimizer  # noqa: E402
 
 

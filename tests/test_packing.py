@@ -22,7 +22,8 @@ from test_model import (
 )
 
 from configs.multimodel import get_config
-from mm_jax import optimizer, sharding, train
+from mm_jax import optimizer, sharding
+from mm_jax import step as step_lib
 from mm_jax.data import layout
 from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel
@@ -150,25 +151,25 @@ def test_packed_sharded_matches_unsharded(devices):
   rules = sharding.logical_rules()
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batches)
   apply = functools.partial(packed_logits, model)
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.activate(mesh, rules):
     got = jit(apply, in_shardings=(None, batch_shardings))(variables, batches)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=2e-5, err_msg=name)
 
 
 def test_one_packed_init_equals_each_group_initialised_alone(devices):
-  """train.init_state builds every param in one packed pass; per-group init, merged, is the
+  """step_lib.init_state builds every param in one packed pass; per-group init, merged, is the
   reference (a param's value depends on its path only). No data is read: shapes from the config."""
   config = short_kernels.apply(get_config("tiny"))
   tasks = layout.build_tasks(config)
-  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 2))
+  plan, specs = step_lib.step_batch_specs(config, tasks, dict.fromkeys(tasks, 2))
   assert len(plan) == 4, [g.name for g in plan]  # every modality net and the decoder
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
   mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1}, devices[:1])
   rules = sharding.config_rules(config)
-  _, _, jit_init = train.traced_init(init, specs, mesh, rules)
+  _, _, jit_init = step_lib.traced_init(init, specs, mesh, rules)
   with sharding.activate(mesh, rules):
     got = jit_init(jax.random.key(5)).params
 
@@ -196,18 +197,18 @@ def test_rbg_init_is_the_same_on_any_mesh(devices):
   config = short_kernels.apply(get_config("tiny,tasks=translate_en_de"))
   config.train.init_prng_impl = "rbg"
   tasks = layout.build_tasks(config)
-  plan, specs = train.step_batch_specs(config, tasks, dict.fromkeys(tasks, 8))
+  plan, specs = step_lib.step_batch_specs(config, tasks, dict.fromkeys(tasks, 8))
   model = MultiModel(ml_collections.FrozenConfigDict(config.model))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-  init = functools.partial(train.init_state, model=model, tx=tx, plan=plan)
+  init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
   rules = sharding.config_rules(config)
   params = []
   one_device, split = {"data": 1, "expert": 1, "model": 1}, {"data": 2, "expert": 2, "model": 2}
   for shape, devs in ((one_device, devices[:1]), (split, devices)):
     mesh = sharding.make_mesh(shape, devs)
-    _, shardings, jit_init = train.traced_init(init, specs, mesh, rules, "rbg")
+    _, shardings, jit_init = step_lib.traced_init(init, specs, mesh, rules, "rbg")
     with sharding.activate(mesh, rules):
-      params.append(flatten_dict(jit_init(train.init_key(config)).params))
+      params.append(flatten_dict(jit_init(step_lib.init_key(config)).params))
   assert any(
     len(s.device_set) > 1 and not s.is_fully_replicated for s in jax.tree.leaves(shardings)
   )

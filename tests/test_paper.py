@@ -10,7 +10,6 @@ import pytest
 import short_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from bench import paper  # noqa: E402
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs.multimodel import ALL_TASKS, get_config
 from mm_jax.data import layout, pipeline, tasks, tokenizer, trees
-from mm_jax.sharding import ConfigError
+from mm_jax.errors import ConfigError
 
 TREE = "(S (NP (DT The) (NN cat)) (VP (VBZ sits) (PP (IN on) (NP (DT the) (NN mat)))) (. .))"
 SPACES = {name: tasks.TARGET_SPACES.index(tasks.TASKS[name].target_space) for name in ALL_TASKS}

@@ -24,13 +24,13 @@ def workdir(tmp_path_factory, tiny_data_dir):
 
 
 @pytest.fixture(scope="module")
-def run(workdir):
-  return predict.load_run(str(workdir))
+def trained(workdir):
+  return predict.load_trained(str(workdir))
 
 
 @pytest.fixture(scope="module")
-def predictor(run):
-  return predict.Predictor(run)
+def predictor(trained):
+  return predict.Predictor(trained)
 
 
 def _png(path, seed=0):
@@ -50,33 +50,33 @@ def test_config_written_by_trainer(workdir):
   assert saved["data"]["tasks"] == "image_classification,speech_recognition,translate_en_de"
 
 
-def test_png_gives_a_class(run, predictor, tmp_path):
-  task = run.tasks["image_classification"]
-  examples = [predict.make_example(run, task, _png(tmp_path / f"{i}.png", i)) for i in range(3)]
+def test_png_gives_a_class(trained, predictor, tmp_path):
+  task = trained.tasks["image_classification"]
+  examples = [predict.make_example(trained, task, _png(tmp_path / f"{i}.png", i)) for i in range(3)]
   assert examples[0]["inputs"].shape == (28, 28, 3)
   outputs = predictor.outputs("image_classification", examples)
   logits = predictor.raw_outputs("image_classification", examples)
   # The printed class is the argmax of the model's logits, named by the dataset.
-  names = predict.class_names(run.config, task)
+  names = predict.class_names(trained.config, task)
   assert outputs == [names[int(np.argmax(row))] for row in logits]
 
 
-def test_wav_and_sentence_decode_like_the_decoder(run, predictor, tmp_path):
+def test_wav_and_sentence_decode_like_the_decoder(trained, predictor, tmp_path):
   for task_name, user_input in (
     ("speech_recognition", _wav(tmp_path / "a.wav")),
     ("translate_en_de", "the cat sits on the mat"),
   ):
-    task = run.tasks[task_name]
-    example = predict.make_example(run, task, user_input)
+    task = trained.tasks[task_name]
+    example = predict.make_example(trained, task, user_input)
     ids = predictor.raw_outputs(task_name, [example])[0]
     assert all(i > 1 for i in ids)  # no pad, no EOS inside the decoded ids
     assert predictor.outputs(task_name, [example]) == [predictor.detokenize(ids)]
 
 
-def test_wav_at_another_rate_is_resampled(run, tmp_path):
-  task = run.tasks["speech_recognition"]
-  at_16k = predict.make_example(run, task, _wav(tmp_path / "a.wav"))
-  at_8k = predict.make_example(run, task, _wav(tmp_path / "b.wav", rate=8000))
+def test_wav_at_another_rate_is_resampled(trained, tmp_path):
+  task = trained.tasks["speech_recognition"]
+  at_16k = predict.make_example(trained, task, _wav(tmp_path / "a.wav"))
+  at_8k = predict.make_example(trained, task, _wav(tmp_path / "b.wav", rate=8000))
   np.testing.assert_array_equal(at_16k["inputs_mask"], at_8k["inputs_mask"])
 
 
@@ -98,37 +98,37 @@ def _cli(workdir, *args):
   )
 
 
-def test_errors_are_one_line(run, workdir, tmp_path):
-  task = run.tasks["image_classification"]
+def test_errors_are_one_line(trained, workdir, tmp_path):
+  task = trained.tasks["image_classification"]
   with pytest.raises(predict.PredictError, match="no such file"):
-    predict.make_example(run, task, str(tmp_path / "missing.png"))
+    predict.make_example(trained, task, str(tmp_path / "missing.png"))
   (tmp_path / "bad.png").write_bytes(b"not an image at all")
   with pytest.raises(predict.PredictError, match="not a readable PNG or JPEG"):
-    predict.make_example(run, task, str(tmp_path / "bad.png"))
+    predict.make_example(trained, task, str(tmp_path / "bad.png"))
   with pytest.raises(predict.PredictError, match="not a readable WAV"):
-    predict.make_example(run, run.tasks["speech_recognition"], str(tmp_path / "bad.png"))
+    predict.make_example(trained, trained.tasks["speech_recognition"], str(tmp_path / "bad.png"))
   with pytest.raises(predict.PredictError, match="longer than this model"):
-    predict.make_example(run, run.tasks["speech_recognition"], _wav(tmp_path / "l.wav", 60))
+    predict.make_example(trained, trained.tasks["speech_recognition"], _wav(tmp_path / "l.wav", 60))
   big = tmp_path / "big.png"
   big.write_bytes(b"\0" * (predict.MAX_FILE_BYTES + 1))
   with pytest.raises(predict.PredictError, match="MiB limit"):
-    predict.make_example(run, task, str(big))
+    predict.make_example(trained, task, str(big))
   with pytest.raises(predict.PredictError, match="no checkpoint"):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((workdir / "config.json").read_text())
-    predict.load_run(str(tmp_path / "empty"))
+    predict.load_trained(str(tmp_path / "empty"))
   result = _cli(workdir, "--task=image_captioning", "x")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("predict: error: unknown task")
 
 
-def test_jpeg_is_read_like_png(run, tmp_path):
-  task = run.tasks["image_classification"]
+def test_jpeg_is_read_like_png(trained, tmp_path):
+  task = trained.tasks["image_classification"]
   image = PIL.Image.new("RGB", (20, 20), (200, 10, 10))
   buffer = io.BytesIO()
   image.save(buffer, "JPEG", quality=100)
   (tmp_path / "a.jpg").write_bytes(buffer.getvalue())
   image.save(tmp_path / "a.png")
-  jpeg = predict.make_example(run, task, str(tmp_path / "a.jpg"))["inputs"]
-  png = predict.make_example(run, task, str(tmp_path / "a.png"))["inputs"]
+  jpeg = predict.make_example(trained, task, str(tmp_path / "a.jpg"))["inputs"]
+  png = predict.make_example(trained, task, str(tmp_path / "a.png"))["inputs"]
   np.testing.assert_allclose(jpeg, png, atol=0.05)

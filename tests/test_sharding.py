@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mm_jax import grouping, sharding
+from mm_jax.errors import ConfigError
 from mm_jax.models.signature import TaskSignature
 
 
@@ -30,7 +31,7 @@ def test_mesh_shape(cfg, expected):
   ],
 )
 def test_bad_mesh_is_one_line(cfg, field):
-  with pytest.raises(sharding.ConfigError) as info:
+  with pytest.raises(ConfigError) as info:
     sharding.mesh_shape(cfg, 8)
   message = str(info.value)
   assert field in message and "\n" not in message

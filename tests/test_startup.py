@@ -1,7 +1,7 @@
 """The trainer checks its config and lowers its step before TensorFlow is imported.
 
 TensorFlow, tensorflow_datasets and clu take about 6 s of single-threaded Python to import; train.py
-imports them only once the step's compile has started, so they run beside it (WORKSPACE.md,
+imports them only once the step's compile has started, so they run beside it (docs/performance.md,
 "Start-up and the first step"). A module-level import of any of them in what runs before that point
 puts those seconds back on the start-up's critical path.
 """
@@ -13,26 +13,23 @@ import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-# Everything train.train_and_evaluate does before compile_in_background, on the default config.
+# What train.train_and_evaluate does before compile_in_background, on the default config.
 _BEFORE_THE_COMPILE = """
 import json, sys
-sys.path.insert(0, "configs")
-import multimodel
-from mm_jax import checkpointing, train, validation
-from mm_jax.data import layout
+from configs import multimodel
+from mm_jax import checkpointing, run as run_lib, train
 
 def data_modules():
   roots = ("tensorflow", "tensorflow_datasets", "clu", "keras")
   return sorted(m for m in sys.modules if m.split(".")[0] in roots)
 
 config = multimodel.get_config()
-validation.validate(config, num_devices=1)  # the default run: one CPU device
-tasks = layout.build_tasks(config)
-plan, specs = train.step_batch_specs(config, tasks, layout.task_batch_sizes(config, 1))
-read = layout.read_layout(config, 1, 0, 1)
+run = run_lib.build(config)  # the default run: one CPU device
+read = run.read_layout(0, 1)
+jit_step = run.jit_step()
 before = data_modules()
 from mm_jax.data import pipeline  # what train.py imports once the compile has started
-print(json.dumps({"groups": len(plan), "before": before, "after": len(data_modules())}))
+print(json.dumps({"groups": len(run.plan), "before": before, "after": len(data_modules())}))
 """
 
 

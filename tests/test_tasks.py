@@ -8,8 +8,8 @@ import tensorflow as tf
 
 from configs.multimodel import ALL_TASKS
 from mm_jax.data import features, ptb, tasks, trees
+from mm_jax.errors import ConfigError
 from mm_jax.models.signature import TaskSignature
-from mm_jax.sharding import ConfigError
 
 GOLD = (
   "( (S (NP-SBJ (DT The) (NN cat)) (VP (VBZ sits) (PP-LOC (IN on) (NP (DT the) (NN mat)))) (. .)) )"

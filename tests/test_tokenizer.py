@@ -71,10 +71,10 @@ def test_load_or_train_stores_beside_the_data_and_reloads(tmp_path, monkeypatch)
     return _corpus()
 
   monkeypatch.setattr(pipeline, "tokenizer_training_text", fake_text)
-  first = tokenizer.load_or_train(config)
+  first = pipeline.load_or_train_tokenizer(config)
   path = tokenizer.model_path(str(tmp_path), "embedded-tiny", 256, ["translate_en_de"])
   assert (tmp_path / "tokenizer").is_dir() and path.startswith(str(tmp_path / "tokenizer"))
-  second = tokenizer.load_or_train(config)
+  second = pipeline.load_or_train_tokenizer(config)
   assert len(calls) == 1
   assert first.model_proto == second.model_proto
   # A different vocabulary size or task set is a different model.

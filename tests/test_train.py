@@ -1,17 +1,13 @@
 """The trainer end to end on the tiny config: meshes agree, loss falls, resume is exact, logs."""
 
 import glob
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
 
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import train  # noqa: E402
 
 pytestmark = pytest.mark.slow

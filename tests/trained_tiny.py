@@ -1,12 +1,9 @@
 """A tiny trained run shared by test_predict.py and test_gallery.py (trained once per test run)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import built_once  # noqa: E402
-import multimodel as multimodel_config  # noqa: E402
 import short_kernels  # noqa: E402
+
+from configs import multimodel as multimodel_config  # noqa: E402
 
 # One task per input modality: a PNG, a WAV and a sentence each have a task to go to.
 TASKS = "tasks=image_classification+speech_recognition+translate_en_de"

@@ -14,10 +14,10 @@ import sys
 import numpy as np
 
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [_REPO, os.path.join(_REPO, "configs")]  # this checkout's mm_jax and configs
-import multimodel as multimodel_config  # noqa: E402
+sys.path.insert(0, _REPO)  # this checkout's mm_jax and configs
 import short_kernels  # noqa: E402
 
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import train  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
 

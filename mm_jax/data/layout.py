@@ -3,7 +3,7 @@ example shapes, and which saved data positions a run can continue from.
 
 No TensorFlow here. The trainer needs all of this to check the config and to lower its step, and
 it does both before TensorFlow's import (about 6 s of Python), which then runs beside the step's
-compile (WORKSPACE.md, "Start-up and the first step").
+compile (docs/performance.md, "Start-up and the first step").
 """
 
 import hashlib
@@ -14,12 +14,13 @@ from flax.traverse_util import flatten_dict
 
 from mm_jax import sharding
 from mm_jax.data import tasks as tasks_lib
+from mm_jax.errors import ConfigError
 
 
 def task_names(config) -> list[str]:
   names = [n.strip() for n in str(config.data.tasks).split(",") if n.strip()]
   if not names:
-    raise sharding.ConfigError("config.data.tasks is empty: name at least one task")
+    raise ConfigError("config.data.tasks is empty: name at least one task")
   return names
 
 
@@ -36,7 +37,7 @@ def text_task_names(config) -> list[str]:
 
 
 def task_weight(config, name: str) -> float:
-  weights = config.data.get("weights") or {}
+  weights = config.data.weights or {}
   return float(weights.get(name, tasks_lib.TASKS[name].default_weight))
 
 
@@ -44,7 +45,7 @@ def text_length(config, task_name: str, field: str) -> int:
   """Padded length of a task's "inputs" or "targets" text: config.data.max_text_length unless
   config.data.input_lengths / target_lengths name the task (short transcripts need not pay for
   the longest translation)."""
-  overrides = config.data.get("input_lengths" if field == "inputs" else "target_lengths") or {}
+  overrides = config.data["input_lengths" if field == "inputs" else "target_lengths"] or {}
   return int(overrides.get(task_name, config.data.max_text_length))
 
 
@@ -54,7 +55,7 @@ def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
   weights = {n: task_weight(config, n) for n in names}
   for name, w in weights.items():
     if w <= 0:
-      raise sharding.ConfigError(
+      raise ConfigError(
         f"config.data.weights.{name}={w}: use a positive weight or drop {name} from data.tasks"
       )
   total = sum(weights.values())
@@ -64,7 +65,7 @@ def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
     size = int(round(share / data_parallel)) * data_parallel
     if size <= 0:
       need = int(np.ceil(data_parallel * total / weights[name]))
-      raise sharding.ConfigError(
+      raise ConfigError(
         f"config.data.weights.{name} gives {name} {share:.2f} examples per step, fewer than the "
         f"data-parallel degree {data_parallel}: set config.data.global_batch_size >= {need}"
       )
@@ -76,7 +77,7 @@ def local_batch_sizes(config, data_parallel: int, process_count: int) -> dict[st
   sizes = task_batch_sizes(config, data_parallel)
   for name, size in sizes.items():
     if size % process_count:
-      raise sharding.ConfigError(
+      raise ConfigError(
         f"task {name} batch {size} does not split over {process_count} processes: make "
         "config.data.global_batch_size a multiple of the process count times the task count"
       )
@@ -158,7 +159,7 @@ class ReadLayout:
       if saved
       else "data config, batch sizes or process layout (not recorded in this checkpoint)"
     )
-    raise sharding.ConfigError(
+    raise ConfigError(
       f"the checkpoint's data position was saved with other data settings ({named}): resume "
       "with the config.data, mesh and process count that wrote it, or use a new --workdir"
     )

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from mm_jax.data import features, layout
 from mm_jax.data import tasks as tasks_lib
@@ -94,7 +95,7 @@ def builder(config, task: tasks_lib.Task):
   source = task.source
   b = tfds.builder(source.tfds_name, data_dir=tfds_data_dir(config))
   if not b.is_prepared():
-    manual_dir = config.data.get(source.manual_dir_field) if source.manual_dir_field else None
+    manual_dir = config.data[source.manual_dir_field] if source.manual_dir_field else None
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
       b.download_and_prepare(download_config=download_config)
@@ -250,7 +251,7 @@ def _tokenize_chunk(config, task, tokenizer):
       empty |= lengths == 0
       over |= lengths > max_len
     out["_empty"] = out["_empty"] | empty
-    if config.data.get("text_overlength", "truncate") == "drop":
+    if config.data.text_overlength == "drop":
       out["_too_long"] = out["_too_long"] | over
       out["_truncated"] = tf.zeros_like(over)
     else:
@@ -407,12 +408,19 @@ class TrainIterator:
     *,
     data_parallel: int | None = None,
     tokenizer: tokenizer_lib.Tokenizer | None = None,
+    tasks: dict[str, tasks_lib.Task] | None = None,
+    read_layout: layout.ReadLayout | None = None,
   ):
+    """`tasks` and `read_layout` (what the run builder made: run.tasks, run.read_layout(...))
+    replace deriving them again from the config; `read_layout` then gives the process index,
+    count and batch sizes."""
     self.config = config
-    self.process_index, self.process_count = process_index, process_count
-    self.tasks = layout.build_tasks(config)
-    dp = data_parallel or layout.data_parallel_from_config(config)
-    self.layout = layout.read_layout(config, dp, process_index, process_count)
+    self.tasks = tasks if tasks is not None else layout.build_tasks(config)
+    if read_layout is None:
+      dp = data_parallel or layout.data_parallel_from_config(config)
+      read_layout = layout.read_layout(config, dp, process_index, process_count)
+    self.layout = read_layout
+    self.process_index, self.process_count = read_layout.process_index, read_layout.process_count
     self.batch_sizes = self.layout.batch_sizes
     self._tokenizer = tokenizer
     self._consumed = {name: 0 for name in self.tasks}
@@ -423,7 +431,7 @@ class TrainIterator:
   def tokenizer(self) -> tokenizer_lib.Tokenizer | None:
     """Loaded (or trained) on first use; None when no selected task has text."""
     if self._tokenizer is None and layout.text_task_names(self.config):
-      self._tokenizer = tokenizer_lib.load_or_train(self.config)
+      self._tokenizer = load_or_train_tokenizer(self.config)
     return self._tokenizer
 
   def _start(self) -> dict[str, Iterator]:
@@ -491,7 +499,7 @@ def eval_batches(
   dp = data_parallel or layout.data_parallel_from_config(config)
   batch_size = layout.local_batch_sizes(config, dp, process_count)[task_name]
   if tokenizer is None and task_name in layout.text_task_names(config):
-    tokenizer = tokenizer_lib.load_or_train(config)
+    tokenizer = load_or_train_tokenizer(config)
   ds = eval_dataset(
     config,
     task,
@@ -521,9 +529,24 @@ def _pad_batch(batch: dict, batch_size: int) -> dict:
 # --- tokenizer training text ----------------------------------------------------------------
 
 
+def load_or_train_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  """The mixture's tokenizer from data_dir/tokenizer/, trained there on first use."""
+  text_tasks = layout.text_task_names(config)
+  vocab_size = int(config.data.tokenizer_vocab_size)
+  path = tokenizer_lib.model_path(data_root(config), mixture_key(config), vocab_size, text_tasks)
+  if epath.Path(path).exists():
+    return tokenizer_lib.load(path)
+  texts = tokenizer_training_text(config)
+  trees = [t for t in texts if t.startswith("(")]
+  symbols = tokenizer_lib.tree_symbols(trees, vocab_size)
+  tokenizer = tokenizer_lib.train(texts, vocab_size, user_symbols=symbols)
+  tokenizer_lib.save(tokenizer, path)
+  return tokenizer
+
+
 def tokenizer_training_text(config) -> list[str]:
   """Every text field of the selected text tasks' train splits (capped per dataset)."""
-  limit = int(config.data.get("tokenizer_sentences_per_task", 100_000))
+  limit = int(config.data.tokenizer_sentences_per_task)
   texts, seen_sources = [], set()
   for name in layout.text_task_names(config):
     task = layout.build_tasks(config)[name]

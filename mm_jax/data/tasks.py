@@ -137,7 +137,7 @@ def _tree(ex, seed):
 def _linearize_tree(input_text, target_text, data_config):
   """Sentence words and the linearised tree, both from the Penn tree (they can't disagree)."""
   del input_text
-  return trees.penn_to_example(target_text, str(data_config.get("parse_pos_tags", "keep")))
+  return trees.penn_to_example(target_text, str(data_config.parse_pos_tags))
 
 
 def _translation_sources(pair, source_lang, target_lang):
@@ -234,7 +234,7 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def resolve(name: str, mixture: str) -> Task:
-  from mm_jax.sharding import ConfigError
+  from mm_jax.errors import ConfigError
 
   if name not in TASKS:
     raise ConfigError(f"config.data.tasks has unknown task {name!r}: use names from {list(TASKS)}")

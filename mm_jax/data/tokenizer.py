@@ -15,8 +15,6 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 from etils import epath
 
-from mm_jax.data import layout
-
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _SPECIALS = 3
 
@@ -110,25 +108,7 @@ def save(tokenizer: Tokenizer, path: str) -> None:
   tmp.replace(target)
 
 
-def load_or_train(config) -> Tokenizer:
-  """The mixture's tokenizer from data_dir/tokenizer/, trained there on first use."""
-  from mm_jax.data import pipeline  # the pipeline knows the sources; import late to avoid a cycle
-
-  root = pipeline.data_root(config)
-  text_tasks = layout.text_task_names(config)
-  mixture = pipeline.mixture_key(config)
-  vocab_size = int(config.data.tokenizer_vocab_size)
-  path = model_path(root, mixture, vocab_size, text_tasks)
-  if epath.Path(path).exists():
-    return load(path)
-  texts = pipeline.tokenizer_training_text(config)
-  trees = [t for t in texts if t.startswith("(")]
-  tokenizer = train(texts, vocab_size, user_symbols=_tree_symbols(trees, vocab_size))
-  save(tokenizer, path)
-  return tokenizer
-
-
-def _tree_symbols(trees: Sequence[str], vocab_size: int) -> list[str]:
+def tree_symbols(trees: Sequence[str], vocab_size: int) -> list[str]:
   from mm_jax.data import trees as trees_lib
 
   # With the word-boundary mark, "(NP" after a space is one piece instead of "▁" + "(NP".

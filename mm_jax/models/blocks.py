@@ -191,11 +191,10 @@ def _dense_dot_bwd(saved, grad):
   """dx = grad @ w.T; dw = x.T @ grad over the tokens flattened to one axis, grad materialised.
 
   Autodiff's weight gradient contracts the tokens' axes of x and grad as they are, and XLA:CPU
-  then wrote grad transposed inside the fusion that produces it (a LayerNorm's backward, reading
-  its inputs across the grain) and ran the dot on its own emitter: 96 ms of such copies and 86 ms
-  of those dots in 1.68 s of the default step's kernel time. With one token axis, and grad kept
-  out of that fusion, they were 15 and 47 ms, and the step took 0.89-0.90x as long (one process,
-  rounds taken turn about; WORKSPACE.md, session 26).
+  then writes grad transposed inside the fusion that produces it (a LayerNorm's backward, reading
+  its inputs across the grain) and runs the dot on its own emitter. With one token axis, and grad
+  kept out of that fusion, those copies and dots shrink to about a sixth and a half, and the
+  default step takes about 0.9x as long (docs/performance.md).
   """
   x, w = saved
   dx = jnp.dot(grad, w.T)

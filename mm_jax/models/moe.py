@@ -26,10 +26,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.interpreters import pxla
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mm_jax.sharding import ConfigError
+from mm_jax.errors import ConfigError
 
 BALANCE_LOSSES = ("cv", "switch")
 DISPATCHES = ("capacity", "dropless")
@@ -100,10 +99,8 @@ def validate_moe_config(
 
 
 def ambient_mesh():
-  """The mesh set by `with mesh:` or `jax.set_mesh(mesh)`, or None."""
-  mesh = pxla.thread_resources.env.physical_mesh
-  if not mesh.empty:
-    return mesh
+  """The mesh set by `jax.set_mesh(mesh)` (sharding.activate), or None: the layer's programs
+  are traced under it, and shard_map and sharding constraints take its abstract form."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty else mesh
 
@@ -492,7 +489,7 @@ class MoE(nn.Module):
   @classmethod
   def from_config(cls, moe_config, dtype=jnp.float32, **kwargs) -> "MoE":
     fields = {name: moe_config[name] for name in CONFIG_FIELDS}
-    fields["eval_drops"] = bool(moe_config.get("eval_drops", False))
+    fields["eval_drops"] = bool(moe_config["eval_drops"])
     return cls(**fields, dtype=jnp.dtype(dtype), **kwargs)
 
   @nn.compact

@@ -54,7 +54,7 @@ def make_ffn(config) -> nn.Module:
   if config.ffn == "dense":
     return DenseFFN(config.dense_ffn_hidden, dtype=_dtype(config))
   if config.ffn == "moe":
-    from mm_jax.models.moe import MoE  # noqa: PLC0415 (issue #3's module; imported on use)
+    from mm_jax.models.moe import MoE  # noqa: PLC0415 (imported on use)
 
     return MoE.from_config(config.moe, dtype=_dtype(config))
   raise ValueError(f"config.model.ffn={config.ffn!r}: use 'moe' or 'dense'")
@@ -214,7 +214,7 @@ class MultiModel(nn.Module):
     dtype = _dtype(c)
     self.language = LanguageModality(c.vocab_size, c.d, dtype)
     self.image = ImageModality(c.d, dtype)
-    self.audio = AudioModality(c.d, c.audio_blocks, c.get("audio_stem_stride", 1), dtype)
+    self.audio = AudioModality(c.d, c.audio_blocks, c.audio_stem_stride, dtype)
     self.categorical = CategoricalTops(dtype)
     self.target_space_embedding = self.param(
       "target_space_embedding",
@@ -224,7 +224,7 @@ class MultiModel(nn.Module):
     self.encoder = Encoder(c)
     self.mixer = Mixer(c)
     self.decoder = Decoder(c)
-    if c.get("audio_ctc_weight", 0.0) > 0:
+    if c.audio_ctc_weight > 0:
       self.ctc_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=True)
 
   def embed_inputs(self, batch: Mapping[str, Any], signature: TaskSignature):
@@ -292,7 +292,7 @@ class MultiModel(nn.Module):
 
   def auxiliary_ctc(self, encoded, mask, targets, signature):
     """The weighted audio CTC loss for audio inputs (config.model.audio_ctc_weight), else 0."""
-    if self.config.get("audio_ctc_weight", 0.0) > 0 and signature.input_modality == "audio":
+    if self.config.audio_ctc_weight > 0 and signature.input_modality == "audio":
       return self.config.audio_ctc_weight * self.audio_ctc_loss(encoded, mask, targets)
     return jnp.zeros((), jnp.float32)
 

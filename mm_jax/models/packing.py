@@ -2,11 +2,12 @@
 
 Each task group has its own [batch, length] shape, and XLA compiles a separate copy of every body
 kernel for every shape: with four groups the train step was four bodies' worth of kernels, and
-compile time grows with the kernel count (see README). Packed, the groups' examples sit one after
-another along a single length axis, [rows, tokens, d], and the body's per-token work (pointwise
-convs, LayerNorm, MoE, residuals) is one kernel each. Only what looks across positions needs the
-sequence boundaries: the depthwise convs mask every tap that would reach into a neighbouring
-sequence (`tap_valid`), and attention runs per group on the unpacked queries and memory.
+compile time grows with the kernel count (docs/performance.md). Packed, the groups' examples sit
+one after another along a single length axis, [rows, tokens, d], and the body's per-token work
+(pointwise convs, LayerNorm, MoE, residuals) is one kernel each. Only what looks across positions
+needs the sequence boundaries: the depthwise convs mask every tap that would reach into a
+neighbouring sequence (`tap_valid`), and attention runs per group on the unpacked queries and
+memory.
 
 Row r holds the r-th contiguous slice of every group's batch. There are as many rows as the
 groups' batch sizes have in common (their gcd): a multiple of the data-parallel size whenever each

@@ -12,6 +12,8 @@ them as on any dataset once `build_all(data_dir, scale)` has prepared them:
 Every dataset has splits "train" and "test" (held out, disjoint from train).
 """
 
+import contextlib
+import io
 import logging
 import time
 
@@ -69,10 +71,26 @@ def build_all(data_dir: str, scale: str = "full") -> dict[str, dict[str, int]]:
         epath.Path(builder.data_dir).rmtree()
         builder = cls(data_dir=data_dir, config=config, scale=scale)
       start = time.time()
+      _prepare_quietly(builder)
+      counts[name] = _split_sizes(builder)
+      split_text = ", ".join(f"{n:,} {split}" for split, n in counts[name].items())
+      print(f"data: built {name} ({split_text}) in {time.time() - start:.1f} s", flush=True)
+    counts[name] = _split_sizes(builder)
+  return counts
+
+
+def _split_sizes(builder) -> dict[str, int]:
+  return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def _prepare_quietly(builder) -> None:
+  """TFDS's build prints its own banner and a progress bar per split and shuffle to stdout; the
+  caller prints one line per dataset instead."""
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
       )
-      logging.info("%s: built at scale %s in %.1f s", name, scale, time.time() - start)
-    counts[name] = {split: info.num_examples for split, info in builder.info.splits.items()}
-    logging.info("%s: %s", name, counts[name])
-  return counts
+  finally:
+    tfds.display_progress_bar(True)
