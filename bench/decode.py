@@ -18,10 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import multimodel as multimodel_config  # noqa: E402
-
+from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import decode  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
@@ -122,4 +120,7 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from bench import results
+
+  with results.recorded("decode"):
+    main()

@@ -91,4 +91,7 @@ def _train_steps_per_second(config, steps: int) -> float:
 
 
 if __name__ == "__main__":
-  main()
+  from bench import results
+
+  with results.recorded("input"):
+    main()

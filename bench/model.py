@@ -294,4 +294,7 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from bench import results
+
+  with results.recorded("model"):
+    main()

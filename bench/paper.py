@@ -374,4 +374,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from bench import results
+
+  with results.recorded("paper"):
+    main()

@@ -199,4 +199,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 3, "Profiled steps.")
   flags.DEFINE_integer("timed_steps", 5, "Steps timed without the profiler first.")
   flags.DEFINE_integer("top", 15, "Slowest kernels listed.")
-  app.run(main)
+  from bench import results
+
+  with results.recorded("profile_step"):
+    app.run(main)

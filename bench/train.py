@@ -473,5 +473,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bench import results
+
   _define_flags()
-  app.run(main)
+  with results.recorded("train"):
+    app.run(main)

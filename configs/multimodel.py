@@ -229,11 +229,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.ffn = "dense"
     elif mod == "no_attention":
       c.model.use_attention = False
+    elif mod == "fsdp":
+      # Parameters and Adam moments split over the data-parallel devices along their embedding
+      # axis (ZeRO-3 style), gathered per layer; activations keep the batch on those axes, and
+      # experts keep expert parallelism. A split parameter cannot live in one flat vector.
+      c.mesh_rules.embed = "data"
+      c.optimizer.flatten = False
     elif mod.startswith("tasks="):
       c.data.tasks = mod.split("=", 1)[1].replace("+", ",")
     else:
       raise ValueError(
         f"configs/multimodel.py: unknown variant {mod!r}: use tiny|default|paper, no_moe, "
-        "no_attention, tasks=a+b"
+        "no_attention, fsdp, tasks=a+b"
       )
   return c

@@ -110,7 +110,7 @@ def test_tiny_train_step_compiles_for_v5e_8():
   memory = aot.memory_per_device(result.compiled)
   assert 0 < memory["total"] < aot.SLICES["v5e-8"].hbm_bytes
   # Every parameter and both Adam moments live on the devices, sharded or not.
-  assert memory["arguments"] >= 4 * result.num_params * 3 / 8
+  assert memory["arguments"] >= 4 * result.run.num_params * 3 / 8
   found = aot.collectives(result.compiled.as_text())
   assert found["all-to-all"]["count"] > 0  # experts split over the expert axis
   assert found["all-reduce"]["count"] > 0  # gradients summed over the batch axes

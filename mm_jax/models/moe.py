@@ -146,7 +146,13 @@ class Layout(NamedTuple):
     if mesh is None:
       return cls(None, (), (), (), (), ())
     names = ("batch", "group", "expert", "embed", "expert_mlp")
-    return cls(mesh, *(tuple(a for a in _mesh_axes(n) if a in mesh.shape) for n in names))
+    batch, group, expert, embed, hidden = (
+      tuple(a for a in _mesh_axes(n) if a in mesh.shape) for n in names
+    )
+    # Activations are [batch, length, embed]: a mesh axis the batch takes is not the embedding's
+    # too (as flax resolves the same names: FSDP splits only the parameters' embed axis).
+    embed = tuple(a for a in embed if a not in batch)
+    return cls(mesh, batch, group, expert, embed, hidden)
 
   @property
   def group_without_expert(self) -> tuple[str, ...]:
