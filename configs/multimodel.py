@@ -234,6 +234,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # axis (ZeRO-3 style), gathered per layer; activations keep the batch on those axes, and
       # experts keep expert parallelism. A split parameter cannot live in one flat vector.
       c.mesh_rules.embed = "data"
+      c.mesh_rules.channels = "data"  # the image and audio nets' convolution channels
       c.optimizer.flatten = False
     elif mod.startswith("tasks="):
       c.data.tasks = mod.split("=", 1)[1].replace("+", ",")

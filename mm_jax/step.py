@@ -326,6 +326,7 @@ def traced_init(init, example_specs, mesh, rules, key_impl: str = validation.INI
     shardings = _fill_replicated(shardings, mesh)
   is_box = lambda x: isinstance(x, nn.Partitioned)
   abstract = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+  shardings = jax.tree.map(_whole_where_indivisible, abstract, shardings)
   treedef = jax.tree.structure(abstract)  # the boxes' leaves are their values, in this order
   replay = jaxpr_as_fun(jaxpr)
 
@@ -347,6 +348,25 @@ def state_layout(init, example_specs, mesh, rules):
   """The train state's shapes and shardings from one trace of `init`: nothing is allocated."""
   abstract, shardings, _ = traced_init(init, example_specs, mesh, rules)
   return abstract, shardings
+
+
+def _whole_where_indivisible(leaf, leaf_sharding):
+  """A dimension the rules split over more devices than its size divides stays whole.
+
+  Rules name axes, not sizes: `fsdp` splits every embedding and channel axis over the data
+  devices, and an RGB stem's 3 input channels do not divide by 8. Validation already holds the
+  axes a config must split evenly (vocab, heads, experts) to their sizes.
+  """
+  spec = leaf_sharding.spec
+  if not spec:
+    return leaf_sharding
+  mesh = leaf_sharding.mesh
+  entries = []
+  for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    entries.append(axes if size % ways == 0 else None)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))
 
 
 def _fill_replicated(shardings, mesh):

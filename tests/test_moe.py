@@ -306,11 +306,12 @@ def test_train_step_hlo_has_all_to_all_and_keeps_experts_in_place(devices, dispa
   layer = make_layer(num_experts=8, hidden=32, dispatch=dispatch)
   x, mask = random_inputs(16, 8, seed=2)
   mesh = mesh_for("data2_expert4", devices)
-  with sharding.activate(mesh, RULES[rules]):
-    params = random_params(layer, x, seed=0)
+  params = random_params(layer, x, seed=0)
+  with nn.logical_axis_rules(RULES[rules]):
     param_shardings = shardings_of(layer, x, mask, mesh)
-    expert_axes = "expert" if rules == "experts_on_expert_axis" else ("data", "expert")
-    assert param_shardings["w_in"].spec == PartitionSpec(expert_axes, None, "model")
+  expert_axes = "expert" if rules == "experts_on_expert_axis" else ("data", "expert")
+  assert param_shardings["w_in"].spec == PartitionSpec(expert_axes, None, "model")
+  with sharding.activate(mesh, RULES[rules]):
 
     def train_step(params, x):
       def loss(params):
@@ -359,7 +360,7 @@ def test_bad_config_raises_one_line_config_error(change, mesh_shape, field):
 
 
 def test_layer_rejects_experts_not_dividing_the_mesh_before_compiling(devices):
-  layer = MoE.from_config({**GOOD, "num_experts": 6})
+  layer = MoE.from_config({**GOOD, "num_experts": 6, "eval_drops": False})
   mesh = mesh_for("data2_expert4", devices)
   x = jnp.zeros((8, 4, D))
   with sharding.activate(mesh), pytest.raises(ConfigError, match="num_experts=6"):

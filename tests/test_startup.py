@@ -16,6 +16,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # What train.train_and_evaluate does before compile_in_background, on the default config.
 _BEFORE_THE_COMPILE = """
 import json, sys
+import jax
 from configs import multimodel
 from mm_jax import checkpointing, run as run_lib, train
 
@@ -24,7 +25,7 @@ def data_modules():
   return sorted(m for m in sys.modules if m.split(".")[0] in roots)
 
 config = multimodel.get_config()
-run = run_lib.build(config)  # the default run: one CPU device
+run = run_lib.build(config, jax.devices()[:1])  # the default run: one CPU device
 read = run.read_layout(0, 1)
 jit_step = run.jit_step()
 before = data_modules()

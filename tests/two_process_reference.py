@@ -27,9 +27,10 @@ _PIPELINE_ITERATOR = pipeline.TrainIterator  # the real one (main swaps in the c
 class TwoProcessData:
   """The global batch of a two-process run, read in one process: shard 0's rows, then shard 1's."""
 
-  def __init__(self, config, process_index=0, process_count=1, *, data_parallel=None):
-    assert (process_index, process_count) == (0, 1)
-    self.shards = [_PIPELINE_ITERATOR(config, i, 2, data_parallel=data_parallel) for i in range(2)]
+  def __init__(self, config, *, tasks, read_layout):
+    assert (read_layout.process_index, read_layout.process_count) == (0, 1)
+    # Each shard reads as process i of 2 would (the data-parallel size from the config's mesh).
+    self.shards = [_PIPELINE_ITERATOR(config, i, 2, tasks=tasks) for i in range(2)]
 
   @property
   def tokenizer(self):

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from mm_jax.errors import ConfigError
 
@@ -126,8 +126,9 @@ def _constrain(x, mesh, *dims: tuple[str, ...]):
   """with_sharding_constraint by mesh axes per dimension; a no-op without a mesh."""
   if mesh is None or mesh.size == 1:
     return x
-  spec = PartitionSpec(*(_spec_entry(d) for d in dims))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  # A bare spec resolves against the mesh jax.set_mesh installed: the concrete one when the
+  # layer runs eagerly, its abstract form under jit.
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*(_spec_entry(d) for d in dims)))
 
 
 class Layout(NamedTuple):
@@ -463,7 +464,6 @@ def dropless_experts(x, routing: Routing, w_in, w_out, layout: Layout, dtype):
   w_out_spec = PartitionSpec(_spec_entry(layout.expert), _spec_entry(layout.hidden), None)
   y = jax.shard_map(
     local,
-    mesh=mesh,
     in_specs=(token, token, token, token, w_in_spec, w_out_spec),
     out_specs=token,
     check_vma=False,
