@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import short_kernels
-from test_model import SIGNATURES, depthwise_reference, make_batches, tiny_model
+from test_model import SIGNATURES, depthwise_reference, jit, make_batches, tiny_model
 
 from configs.multimodel import get_config
 from mm_jax import aot, run, validation
@@ -219,3 +219,27 @@ def test_bfloat16_model_keeps_logits_losses_and_gradients_float32():
   assert loss.dtype == total_aux.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(per_task))
   assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_whole_model_forms_agree():
+  """The packed body, the image net and the categorical head in both forms, one set of
+  parameters: the same logits."""
+  groups = ("text_to_text", "image_to_class")
+  signatures = {n: SIGNATURES[n] for n in groups}
+  batches = make_batches(groups=groups)
+  models = {k: tiny_model(ffn="dense", kernels=k, **short_kernels.model_overrides()) for k in FORMS}
+  params = jit(
+    lambda: models["cpu"].init(
+      jax.random.key(0), batches, signatures, train=False, method=MultiModel.all_tasks
+    )
+  )()["params"]
+  logits = {
+    k: jit(
+      lambda p, model=model: model.apply(
+        {"params": p}, batches, signatures, train=False, method="packed"
+      )[0]
+    )(params)
+    for k, model in models.items()
+  }
+  for name in groups:
+    np.testing.assert_allclose(logits["cpu"][name], logits["xla"][name], atol=2e-4, err_msg=name)
