@@ -15,12 +15,11 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import multimodel as multimodel_config  # noqa: E402
-from mm_jax import decode  # noqa: E402
+from mm_jax import decode, run  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
 SIGNATURE = TaskSignature("language", "language")
@@ -38,7 +37,7 @@ def best_time(fn, *args, repeats: int) -> float:
 
 def setup(size: str, batch_size: int, input_length: int = 32):
   config = multimodel_config.get_config(size)
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, jax.default_backend()))
   rng = np.random.default_rng(0)
   batch = {
     "inputs": jnp.asarray(rng.integers(2, 200, (batch_size, input_length)), jnp.int32),

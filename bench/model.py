@@ -16,12 +16,12 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.multimodel import get_config  # noqa: E402
+from mm_jax import run  # noqa: E402
 from mm_jax.models import blocks  # noqa: E402
 from mm_jax.models.modalities import audio_widths, sequence_grid  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
@@ -201,7 +201,7 @@ def train_step(model, signature):
 
 def body_row(config_arg: str, batch: int, length: int, repeats: int):
   m = get_config(config_arg).model
-  model = MultiModel(ml_collections.FrozenConfigDict(m))
+  model = MultiModel(run.model_config(m, jax.default_backend()))
   rng = np.random.default_rng(0)
   ids = lambda: rng.integers(3, m.vocab_size, (batch, length)).astype(np.int32)
   data = {"inputs": ids(), "targets": ids(), "target_space": np.zeros(batch, np.int32)}
@@ -290,7 +290,7 @@ def main():
   for kernel, dilation, times in depthwise_rows(shape, args.repeats):
     cells = "".join(f"{1e3 * times[n]:>10.1f} ({times[n] / times['shifted']:.2f}x)" for n in names)
     print(f"{kernel:>7}{dilation:>9}{cells}")
-  print(f"model uses: {blocks.DEPTHWISE_IMPL}")
+  print(f"model uses: {blocks.DEPTHWISE_FORM}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,13 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # Auxiliary CTC loss from the encoded audio to the transcript (not in the paper): without it
   # the default run's encoder learns to ignore the audio (multimodel.py, audio_ctc_loss).
   m.audio_ctc_weight = {"tiny": 0.3, "default": 1.0, "paper": 0.0}[size]
-  m.dtype = "float32"  # activations; parameters are always float32
+  # Activations; parameters are always float32. "auto": float32 on CPUs, bfloat16 on TPUs and
+  # GPUs (decided by run.build from the run's devices).
+  m.dtype = "bfloat16" if size == "paper" else "auto"
   m.param_dtype = "float32"
+  # The forms of every Dense and depthwise conv (mm_jax/models/blocks.py, KERNELS): "cpu" (written
+  # out for XLA:CPU), "xla" (plain, for TPUs and GPUs) or "auto" (by the run's devices).
+  m.kernels = "auto"
 
   moe = ml_collections.ConfigDict()
   moe.num_experts = {"tiny": 4, "default": 8, "paper": 120}[size]

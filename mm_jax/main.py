@@ -9,9 +9,11 @@ written, 143 after SIGTERM (a checkpoint of the current step was saved first).
 import os
 import sys
 
-from mm_jax import memory
+from mm_jax import backend, memory
 
-memory.restart_with_tuned_malloc()  # first: it re-executes the process (see memory.py)
+backend.use_cpu_alone_without_accelerators()  # before JAX is imported (see backend.py)
+if backend.cpu_only():  # the allocator tuning is for XLA:CPU's buffers
+  memory.restart_with_tuned_malloc()  # it re-executes the process (see memory.py)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402

@@ -90,6 +90,25 @@ def with_shardings(tree, shardings):
   )
 
 
+def model_config(
+  model: ml_collections.ConfigDict, platform: str
+) -> ml_collections.FrozenConfigDict:
+  """config.model as the model takes it on devices of `platform` ("cpu", "tpu", "gpu"): its
+  "auto" fields decided, the rest as they are.
+
+  kernels "auto": the forms written for XLA:CPU on CPUs, XLA's plain forms elsewhere
+  (models/blocks.py, KERNELS). dtype "auto": float32 activations on CPUs, bfloat16 elsewhere
+  (parameters, optimizer state, softmax, router and losses stay float32 either way).
+  """
+  on_cpu = platform == "cpu"
+  resolved = model.copy_and_resolve_references()
+  if resolved.kernels == "auto":
+    resolved.kernels = "cpu" if on_cpu else "xla"
+  if resolved.dtype == "auto":
+    resolved.dtype = "float32" if on_cpu else "bfloat16"
+  return ml_collections.FrozenConfigDict(resolved)
+
+
 def build(
   config: ml_collections.ConfigDict,
   devices: Sequence[jax.Device] | None = None,
@@ -119,7 +138,9 @@ def build(
   else:
     batch_sizes = dict.fromkeys(tasks, rows_per_shard * data_parallel)
   plan, batch_specs = step.step_batch_specs(config, tasks, batch_sizes)
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  # The one place "auto" kernels and dtype are decided: by the devices the run is placed on
+  # (for aot.py's TPU slices, TPUs, though this process runs on a CPU).
+  model = MultiModel(model_config(config.model, mesh.devices.flat[0].platform))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
   init = functools.partial(step.init_state, model=model, tx=tx, plan=plan)
   abstract_state, state_shardings, jit_init = step.traced_init(

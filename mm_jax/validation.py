@@ -12,6 +12,10 @@ from mm_jax import sharding
 from mm_jax.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16")
+# config.model.dtype (activations) and config.model.kernels: "auto" is decided by run.build from
+# the run's devices (run.model_config).
+ACTIVATION_DTYPES = ("auto", *_DTYPES)
+KERNELS = ("auto", "cpu", "xla")
 # Generators config.train.init_prng_impl may name; the first is the default.
 INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -24,6 +28,7 @@ FIELDS_ADDED_LATER = {
   "model.audio_ctc_weight": 0.0,
   "model.pack_groups": False,
   "model.moe.eval_drops": False,
+  "model.kernels": "cpu",
   "optimizer.flatten": False,
   "train.microbatches": 1,
   "train.init_prng_impl": INIT_PRNG_IMPLS[0],
@@ -126,7 +131,15 @@ def _validate_model(m, mesh, expert_axes):
   _positive_int(m.audio_stem_stride, "config.model.audio_stem_stride")
   _positive_int(m.vocab_size, "config.model.vocab_size")
   _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
-  _require(m.dtype in _DTYPES, f"config.model.dtype={m.dtype!r}: use one of {_DTYPES}")
+  _require(
+    m.dtype in ACTIVATION_DTYPES,
+    f"config.model.dtype={m.dtype!r}: use one of {ACTIVATION_DTYPES}",
+  )
+  _require(
+    m.kernels in KERNELS,
+    f"config.model.kernels={m.kernels!r}: use one of {KERNELS} ('auto': 'cpu' on CPUs, "
+    "'xla' on TPUs and GPUs)",
+  )
   _require(
     m.param_dtype in _DTYPES, f"config.model.param_dtype={m.param_dtype!r}: use one of {_DTYPES}"
   )

@@ -10,12 +10,12 @@ padding the analytic count deliberately leaves out.
 import math
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from bench import model as model_bench  # noqa: E402
 from configs.multimodel import get_config  # noqa: E402
+from mm_jax import run  # noqa: E402
 from mm_jax.models import blocks  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_analytic_macs_match_the_traced_model(name, monkeypatch):
   # Non-square images (28 x 20) and odd lengths exercise both grid axes and rounded-up strides.
   signature = SIGNATURES[name]
   batch = _batch(signature, np.random.default_rng(0), m)
-  model = MultiModel(ml_collections.FrozenConfigDict(m))
+  model = MultiModel(run.model_config(m, "cpu"))
   if signature.input_modality == "image" and signature.target_modality == "categorical":
     # The head needs a square grid, here 60 x 60 -> 4 x 4, pooled to 2 x 2: every kernel tap
     # can meet a real value, so the layers compute exactly the multiply-adds that are needed.

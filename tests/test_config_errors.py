@@ -27,6 +27,7 @@ CASES = {
   "unknown_ffn": ({"model.ffn": "sparse"}, "config.model.ffn"),
   "vocab_too_small": ({"model.vocab_size": 4}, "config.model.vocab_size"),
   "unknown_dtype": ({"model.dtype": "float16"}, "config.model.dtype"),
+  "unknown_kernels": ({"model.kernels": "gpu"}, "config.model.kernels"),
   "empty_conv_group": ({"model.conv_group1": ()}, "config.model.conv_group1"),
   "negative_blocks": ({"model.encoder_blocks_before_ffn": -1}, "encoder_blocks_before_ffn"),
   "vocab_not_split_by_model_axis": (

@@ -7,12 +7,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import multimodel as multimodel_config  # noqa: E402
-from mm_jax import decode, metrics, sharding  # noqa: E402
+from mm_jax import decode, metrics, run, sharding  # noqa: E402
 from mm_jax.models.moe import MoE  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
@@ -26,7 +25,7 @@ def _model_and_params(variant: str):
   config = multimodel_config.get_config(f"tiny,{variant}" if variant else "tiny")
   config.model.moe.noisy_gating = False
   config.model.moe.group_size = 16  # small groups: capacity routing would drop without eval care
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, "cpu"))
   rng = np.random.default_rng(0)
   batch = {
     "inputs": jnp.asarray(rng.integers(2, 256, (BATCH, 10)) * (rng.random((BATCH, 10)) < 0.8)),

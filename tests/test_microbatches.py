@@ -4,14 +4,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import aot, grouping, sharding, validation
+from mm_jax import aot, grouping, run, sharding, validation
 from mm_jax import step as step_lib
 from mm_jax.data import layout, pipeline
 from mm_jax.errors import ConfigError
@@ -54,7 +53,7 @@ def real_batch(tiny_data_dir):
 def compiled_step(config, plan, specs, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.config_rules(config)
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, "cpu"))
   tx = gradient_recorder()
   init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
   _, state_shardings, jit_init = step_lib.traced_init(init, specs, mesh, rules)

@@ -5,13 +5,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import sharding, validation
+from mm_jax import run, sharding, validation
 from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel, TaskSignature
 from mm_jax.models.summary import summary
@@ -38,7 +37,7 @@ def tiny_model(**overrides):
       config.moe[key[4:]] = value
     else:
       config[key] = value
-  return MultiModel(ml_collections.FrozenConfigDict(config))
+  return MultiModel(run.model_config(config, "cpu"))
 
 
 def token_ids(rng, length, lengths, vocab=256):

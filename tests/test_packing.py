@@ -5,7 +5,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import short_kernels
@@ -22,7 +21,7 @@ from test_model import (
 )
 
 from configs.multimodel import get_config
-from mm_jax import optimizer, sharding
+from mm_jax import optimizer, run, sharding
 from mm_jax import step as step_lib
 from mm_jax.data import layout
 from mm_jax.models import blocks
@@ -164,7 +163,7 @@ def test_one_packed_init_equals_each_group_initialised_alone(devices):
   tasks = layout.build_tasks(config)
   plan, specs = step_lib.step_batch_specs(config, tasks, dict.fromkeys(tasks, 2))
   assert len(plan) == 4, [g.name for g in plan]  # every modality net and the decoder
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, "cpu"))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
   init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
   mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1}, devices[:1])
@@ -198,7 +197,7 @@ def test_rbg_init_is_the_same_on_any_mesh(devices):
   config.train.init_prng_impl = "rbg"
   tasks = layout.build_tasks(config)
   plan, specs = step_lib.step_batch_specs(config, tasks, dict.fromkeys(tasks, 8))
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, "cpu"))
   tx = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
   init = functools.partial(step_lib.init_state, model=model, tx=tx, plan=plan)
   rules = sharding.config_rules(config)

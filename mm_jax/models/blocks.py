@@ -20,9 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# K shifted slices multiplied and summed beat XLA's grouped conv_general_dilated on CPU
-# (bench/model.py measures both); "grouped" stays available for other backends.
-DEPTHWISE_IMPL = "shifted"
+# The kernel forms a model is built with (config.model.kernels, which run.build resolves from
+# "auto" to one of these for the run's devices):
+#   "cpu": forms written for XLA:CPU: Dense's backward written out (dense_dot) and the depthwise
+#          conv as K shifted slices multiplied and summed, with its backward written out; on CPU
+#          they beat XLA's own forms (bench/model.py measures both depthwise forms).
+#   "xla": the plain forms, left to XLA's autodiff and emitters (TPU, GPU): Dense as one dot,
+#          the depthwise conv as one grouped conv_general_dilated.
+KERNELS = ("cpu", "xla")
+DEPTHWISE_FORM = {"cpu": "shifted", "xla": "grouped"}  # a key of DEPTHWISE, per kernels value
 
 EMBED_AXES = ("batch", "length", "embed")
 
@@ -117,8 +123,9 @@ def _depthwise_bwd(dilation, pads, packing, saved, grad):
     shifted = jnp.pad(grad, ((0, 0), *shift, (0, 0)))
     if mask is not None:  # shifted with the gradient; masking the gradient first costs a copy
       mask = np.pad(mask, ((0, 0), *shift, (0, 0)))
-    dkernel.append(_masked(shifted * padded, mask).sum(reduce_axes))
-  return dx, jnp.stack(dkernel).reshape(kernel.shape)
+    # Summed over every token in float32, whatever the activations' dtype.
+    dkernel.append(_masked(shifted * padded, mask).sum(reduce_axes, dtype=jnp.float32))
+  return dx, jnp.stack(dkernel).reshape(kernel.shape).astype(kernel.dtype)
 
 
 _depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -129,6 +136,14 @@ def depthwise_shifted(
 ):
   """Depthwise conv as a sum of shifted slices times per-channel taps (memory-bound, no im2col)."""
   return _depthwise_shifted(x, kernel, tuple(dilation), tuple(tuple(p) for p in pads), packing)
+
+
+def depthwise_taps(
+  x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]], packing=None
+):
+  """The shifted slices' sum under XLA's own autodiff: the plain form of a packed conv, whose
+  masked taps no grouped convolution expresses."""
+  return _shifted_sum(x, kernel, tuple(dilation), tuple(tuple(p) for p in pads), packing)
 
 
 def depthwise_grouped(x, kernel, dilation: Sequence[int], pads: Sequence[tuple[int, int]]):
@@ -206,13 +221,24 @@ def _dense_dot_bwd(saved, grad):
 dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
 
 
+def check_kernels(kernels: str) -> str:
+  """`kernels`, if it names a form (KERNELS); else a ValueError (an unresolved "auto" included)."""
+  if kernels not in KERNELS:
+    raise ValueError(f"kernels={kernels!r}: use one of {KERNELS} (run.build resolves 'auto')")
+  return kernels
+
+
 class Dense(nn.Module):
-  """x @ W over the last axis, with logical names for the kernel's two axes."""
+  """x @ W over the last axis, with logical names for the kernel's two axes.
+
+  `kernels` (KERNELS): "cpu" multiplies through dense_dot, "xla" through a plain jnp.dot.
+  """
 
   features: int
   axes: tuple[str, str] = ("embed", "mlp")
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x):
@@ -220,7 +246,8 @@ class Dense(nn.Module):
     w = self.param(
       "kernel", nn.with_logical_partitioning(init, self.axes), (x.shape[-1], self.features)
     )
-    y = dense_dot(x.astype(self.dtype), w.astype(self.dtype))
+    dot = dense_dot if check_kernels(self.kernels) == "cpu" else jnp.dot
+    y = dot(x.astype(self.dtype), w.astype(self.dtype))
     if self.use_bias:
       b = self.param(
         "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,)
@@ -230,7 +257,10 @@ class Dense(nn.Module):
 
 
 class SeparableConv(nn.Module):
-  """Depthwise conv (per channel, dilated) followed by a pointwise projection to `features`."""
+  """Depthwise conv (per channel, dilated) followed by a pointwise projection to `features`.
+
+  `kernels` (KERNELS) picks the depthwise form (DEPTHWISE_FORM) and the projection's (Dense).
+  """
 
   features: int
   kernel_size: tuple[int, ...]
@@ -238,7 +268,7 @@ class SeparableConv(nn.Module):
   padding: str = "same"
   channel_name: str = "embed"
   dtype: jnp.dtype = jnp.float32
-  impl: str = DEPTHWISE_IMPL
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, *, decode: bool = False, packing=None):
@@ -256,11 +286,19 @@ class SeparableConv(nn.Module):
     if decode:
       x = self._with_history(x, dilation)
       pads = [(0, 0)]  # the history is exactly the causal left padding
+    on_cpu = check_kernels(self.kernels) == "cpu"
     if packing is None:
-      y = DEPTHWISE[self.impl](x, taps.astype(self.dtype), dilation, pads)
+      y = DEPTHWISE[DEPTHWISE_FORM[self.kernels]](x, taps.astype(self.dtype), dilation, pads)
     else:
-      y = depthwise_shifted(x, taps.astype(self.dtype), dilation, pads, packing)
-    return Dense(self.features, (self.channel_name, "mlp"), dtype=self.dtype, name="pointwise")(y)
+      packed = depthwise_shifted if on_cpu else depthwise_taps
+      y = packed(x, taps.astype(self.dtype), dilation, pads, packing)
+    return Dense(
+      self.features,
+      (self.channel_name, "mlp"),
+      dtype=self.dtype,
+      kernels=self.kernels,
+      name="pointwise",
+    )(y)
 
   def _with_history(self, x, dilation):
     """x [B, n, C] preceded by the inputs this conv saw last; the history then advances by n."""
@@ -290,6 +328,7 @@ class ConvStep(nn.Module):
   first_relu: bool = True
   channel_name: str = "embed"
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, mask=None, *, decode: bool = False, packing=None):
@@ -303,6 +342,7 @@ class ConvStep(nn.Module):
       self.padding,
       self.channel_name,
       self.dtype,
+      self.kernels,
       name="conv",
     )(x, decode=decode, packing=packing)
     return LayerNorm(self.channel_name, name="norm")(x)
@@ -321,6 +361,7 @@ class ConvBlock(nn.Module):
   padding: str = "same"
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False, decode: bool = False, packing=None):
@@ -329,7 +370,13 @@ class ConvBlock(nn.Module):
       y = x
       for s, (kernel, dilation) in enumerate(group):
         y = ConvStep(
-          d, (kernel,), (dilation,), self.padding, dtype=self.dtype, name=f"group{g}_step{s}"
+          d,
+          (kernel,),
+          (dilation,),
+          self.padding,
+          dtype=self.dtype,
+          kernels=self.kernels,
+          name=f"group{g}_step{s}",
         )(y, mask, decode=decode, packing=packing)
       x = residual(x, y, self.dropout, train, f"group{g}_norm")
       x = nn.with_logical_constraint(x, EMBED_AXES)
@@ -442,6 +489,7 @@ class AttentionBlock(nn.Module):
   query_convs: tuple[tuple[int, int], ...] = ((5, 1), (5, 4))
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, memory, memory_mask, *, train: bool = False, timing=None, packing=None):
@@ -452,9 +500,15 @@ class AttentionBlock(nn.Module):
     x_packing = queries_packing(packing)
     q = x + timing.astype(x.dtype) if decode else add_timing_signal(x, x_packing)
     for s, (kernel, dilation) in enumerate(self.query_convs):
-      q = ConvStep(d, (kernel,), (dilation,), "causal", dtype=self.dtype, name=f"query_step{s}")(
-        q, decode=decode, packing=x_packing
-      )
+      q = ConvStep(
+        d,
+        (kernel,),
+        (dilation,),
+        "causal",
+        dtype=self.dtype,
+        kernels=self.kernels,
+        name=f"query_step{s}",
+      )(q, decode=decode, packing=x_packing)
     y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(
       q, memory, memory_mask, decode=decode, packing=packing
     )

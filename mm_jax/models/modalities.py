@@ -92,6 +92,7 @@ class ConvNorm(nn.Module):
   strides: tuple[int, int] = (1, 1)
   first_relu: bool = True
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"  # blocks.KERNELS: the 1x1 conv's Dense form
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -100,7 +101,9 @@ class ConvNorm(nn.Module):
     x = zero_padding(x, mask)
     if self.kernel_size == (1, 1):  # A strided 1x1 conv is a slice and a matmul.
       x = x[:, :: self.strides[0], :: self.strides[1]]
-      y = Dense(self.features, ("channels", "mlp"), dtype=self.dtype, name="conv")(x)
+      y = Dense(
+        self.features, ("channels", "mlp"), dtype=self.dtype, kernels=self.kernels, name="conv"
+      )(x)
     else:
       y = Conv(self.features, self.kernel_size, self.strides, self.dtype, name="conv")(x)
     return LayerNorm("channels", name="norm")(y)
@@ -113,6 +116,7 @@ class XceptionBlock(nn.Module):
   strides: tuple[int, int]
   skip_relu: bool
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -120,12 +124,17 @@ class XceptionBlock(nn.Module):
     y = x
     for s in range(2):
       y = ConvStep(
-        self.features, kernel, channel_name="channels", dtype=self.dtype, name=f"step{s}"
+        self.features,
+        kernel,
+        channel_name="channels",
+        dtype=self.dtype,
+        kernels=self.kernels,
+        name=f"step{s}",
       )(y, mask)
     y, out_mask = masked_max_pool(y, mask, kernel, self.strides)
-    skip = ConvNorm(self.features, (1, 1), self.strides, self.skip_relu, self.dtype, name="skip")(
-      x, mask
-    )
+    skip = ConvNorm(
+      self.features, (1, 1), self.strides, self.skip_relu, self.dtype, self.kernels, name="skip"
+    )(x, mask)
     out = nn.with_logical_constraint(y + skip, GRID_AXES)
     return zero_padding(out, out_mask), out_mask
 
@@ -142,6 +151,7 @@ class ImageModality(nn.Module):
 
   d: int
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, images):
@@ -149,7 +159,7 @@ class ImageModality(nn.Module):
     x = ConvNorm(64, (3, 3), dtype=self.dtype, name="stem1")(x)
     widths = (min(128, self.d), min(256, self.d), self.d)
     for i, width in enumerate(widths):
-      x, _ = XceptionBlock(width, (2, 2), skip_relu=i == 0, dtype=self.dtype, name=f"block{i}")(x)
+      x, _ = XceptionBlock(width, (2, 2), i == 0, self.dtype, self.kernels, name=f"block{i}")(x)
     b, h, w, c = x.shape
     x = nn.with_logical_constraint(x.reshape(b, h * w, c), EMBED_AXES)
     return x, jnp.ones((b, h * w), jnp.float32)
@@ -175,6 +185,7 @@ class AudioModality(nn.Module):
   num_blocks: int
   stem_stride: int = 1  # along time
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, frames, mask):
@@ -187,14 +198,14 @@ class AudioModality(nn.Module):
     )
     mask = strided_mask(mask, (self.stem_stride,))
     for i, width in enumerate(widths):
-      x, mask = XceptionBlock(width, (2, 1), skip_relu=True, dtype=self.dtype, name=f"block{i}")(
+      x, mask = XceptionBlock(width, (2, 1), True, self.dtype, self.kernels, name=f"block{i}")(
         x, mask[:, :, None]
       )
       mask = mask[:, :, 0]
     b, t, f, c = x.shape
-    x = Dense(self.d, ("channels", "embed"), dtype=self.dtype, name="project")(
-      x.reshape(b, t, f * c)
-    )
+    x = Dense(
+      self.d, ("channels", "embed"), dtype=self.dtype, kernels=self.kernels, name="project"
+    )(x.reshape(b, t, f * c))
     x = zero_padding(LayerNorm(name="norm")(x), mask)
     return nn.with_logical_constraint(x, EMBED_AXES), mask
 
@@ -205,6 +216,7 @@ class LanguageModality(nn.Module):
   vocab_size: int
   d: int
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   def setup(self):
     self.embedding = self.param(
@@ -212,7 +224,9 @@ class LanguageModality(nn.Module):
       nn.with_logical_partitioning(nn.initializers.normal(self.d**-0.5), ("vocab", "embed")),
       (self.vocab_size, self.d),
     )
-    self.softmax = Dense(self.vocab_size, ("embed", "vocab"), use_bias=True, name="softmax")
+    self.softmax = Dense(
+      self.vocab_size, ("embed", "vocab"), use_bias=True, kernels=self.kernels, name="softmax"
+    )
 
   def embed(self, ids):
     x = jnp.take(self.embedding, ids, axis=0) * self.d**0.5
@@ -245,6 +259,7 @@ class CategoricalModality(nn.Module):
 
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, mask, grid: tuple[int, int]):
@@ -256,18 +271,21 @@ class CategoricalModality(nn.Module):
     kernel = (3, 3)
     strides = tuple(2 if n > 1 else 1 for n in grid)
     wide = int(1.25 * d)
-    skip = ConvNorm(wide, kernel, strides, dtype=self.dtype, name="skip")(x, mask)
-    y = ConvStep(d, kernel, channel_name="channels", dtype=self.dtype, name="step0")(x, mask)
-    y = ConvStep(wide, kernel, channel_name="channels", dtype=self.dtype, name="step1")(y, mask)
+    step = functools.partial(
+      ConvStep, kernel_size=kernel, channel_name="channels", dtype=self.dtype, kernels=self.kernels
+    )
+    skip = ConvNorm(wide, kernel, strides, dtype=self.dtype, kernels=self.kernels, name="skip")(
+      x, mask
+    )
+    y = step(d, name="step0")(x, mask)
+    y = step(wide, name="step1")(y, mask)
     y, mask = masked_max_pool(y, mask, kernel, strides)
     y = zero_padding(y + skip, mask)
-    y = ConvStep(
-      2 * d, kernel, first_relu=False, channel_name="channels", dtype=self.dtype, name="step2"
-    )(y, mask)
-    y = ConvStep(int(2.5 * d), kernel, channel_name="channels", dtype=self.dtype, name="step3")(
-      y, mask
-    )
+    y = step(2 * d, first_relu=False, name="step2")(y, mask)
+    y = step(int(2.5 * d), name="step3")(y, mask)
     y = zero_padding(nn.relu(y).astype(jnp.float32), mask)
     pooled = y.sum((1, 2)) / jnp.maximum(mask.sum((1, 2)), 1.0)[:, None]
-    logits = Dense(self.num_classes, ("channels", "classes"), use_bias=True, name="logits")(pooled)
+    logits = Dense(
+      self.num_classes, ("channels", "classes"), use_bias=True, kernels=self.kernels, name="logits"
+    )(pooled)
     return nn.with_logical_constraint(logits, ("batch", "classes"))

@@ -22,6 +22,7 @@ from mm_jax.models.blocks import (
   Dense,
   LayerNorm,
   add_timing_signal,
+  check_kernels,
   queries_packing,
   timing_signal_at,
   zero_padding,
@@ -41,7 +42,16 @@ __all__ = ["MultiModel", "TaskSignature", "make_ffn"]
 
 
 def _dtype(config) -> jnp.dtype:
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(
+      f"config.model.dtype={config.dtype!r}: use float32 or bfloat16 (run.build resolves 'auto')"
+    )
   return jnp.dtype(config.dtype)
+
+
+def _kernels(config) -> str:
+  """config.kernels, one of blocks.KERNELS: the forms every Dense and depthwise conv take."""
+  return check_kernels(config.kernels)
 
 
 def _conv_groups(config) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -83,7 +93,7 @@ class Encoder(nn.Module):
 
   def setup(self):
     c = self.config
-    block = lambda: ConvBlock(_conv_groups(c), "same", c.dropout, _dtype(c))
+    block = lambda: ConvBlock(_conv_groups(c), "same", c.dropout, _dtype(c), _kernels(c))
     self.before = [block() for _ in range(c.encoder_blocks_before_ffn)]
     self.ffn = FFNLayer(c)
     self.after = [block() for _ in range(c.encoder_blocks_after_ffn)]
@@ -120,7 +130,7 @@ class Mixer(nn.Module):
     c = self.config
     if c.use_attention:
       context = AttentionBlock(
-        c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention"
+        c.num_heads, _query_convs(c), c.dropout, _dtype(c), _kernels(c), name="attention"
       )(shifted, memory, memory_mask, train=train, timing=timing, packing=packing)
     elif packing is None:
       context = jnp.broadcast_to(masked_mean(memory, memory_mask), shifted.shape)
@@ -136,9 +146,9 @@ class Mixer(nn.Module):
       )
     kernel = _conv_groups(c)[0][0][0]
     merged = jnp.concatenate([shifted, context.astype(shifted.dtype)], axis=-1)
-    x = ConvStep(c.d, (kernel,), (1,), "causal", dtype=_dtype(c), name="merge")(
-      merged, decode=timing is not None, packing=queries_packing(packing)
-    )
+    x = ConvStep(
+      c.d, (kernel,), (1,), "causal", dtype=_dtype(c), kernels=_kernels(c), name="merge"
+    )(merged, decode=timing is not None, packing=queries_packing(packing))
     return nn.with_logical_constraint(x, EMBED_AXES)
 
 
@@ -155,13 +165,13 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, memory, memory_mask, *, train: bool, timing=None, packing=None):
     c = self.config
     # Causal convs: padding sits to the right of every real position, so nothing to mask.
-    x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), name="convs")(
+    x = ConvBlock(_conv_groups(c), "causal", c.dropout, _dtype(c), _kernels(c), name="convs")(
       x, train=train, decode=timing is not None, packing=queries_packing(packing)
     )
     if c.use_attention:
-      x = AttentionBlock(c.num_heads, _query_convs(c), c.dropout, _dtype(c), name="attention")(
-        x, memory, memory_mask, train=train, timing=timing, packing=packing
-      )
+      x = AttentionBlock(
+        c.num_heads, _query_convs(c), c.dropout, _dtype(c), _kernels(c), name="attention"
+      )(x, memory, memory_mask, train=train, timing=timing, packing=packing)
     return x
 
 
@@ -189,15 +199,17 @@ class CategoricalTops(nn.Module):
   """One categorical head per class count, created on first use (class counts come from tasks)."""
 
   dtype: Any = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x, mask, grid, num_classes: int):
-    head = CategoricalModality(num_classes, self.dtype, name=f"classes_{num_classes}")
+    head = CategoricalModality(num_classes, self.dtype, self.kernels, name=f"classes_{num_classes}")
     return head(x, mask, grid)
 
 
 class MultiModel(nn.Module):
-  """Modality nets + encoder + I/O mixer + decoder; `config` is a FrozenConfigDict of config.model.
+  """Modality nets + encoder + I/O mixer + decoder; `config` is a FrozenConfigDict of config.model
+  with `kernels` and `dtype` resolved (run.build turns their "auto" into the run's choice).
 
   Categorical targets skip the mixer and decoder and read the encoder output directly, as the
   reference implementation did: a class label is one token, so an autoregressive decoder over it
@@ -211,11 +223,11 @@ class MultiModel(nn.Module):
 
   def setup(self):
     c = self.config
-    dtype = _dtype(c)
-    self.language = LanguageModality(c.vocab_size, c.d, dtype)
-    self.image = ImageModality(c.d, dtype)
-    self.audio = AudioModality(c.d, c.audio_blocks, c.audio_stem_stride, dtype)
-    self.categorical = CategoricalTops(dtype)
+    dtype, kernels = _dtype(c), _kernels(c)
+    self.language = LanguageModality(c.vocab_size, c.d, dtype, kernels)
+    self.image = ImageModality(c.d, dtype, kernels)
+    self.audio = AudioModality(c.d, c.audio_blocks, c.audio_stem_stride, dtype, kernels)
+    self.categorical = CategoricalTops(dtype, kernels)
     self.target_space_embedding = self.param(
       "target_space_embedding",
       nn.with_logical_partitioning(nn.initializers.normal(1.0), ("target_space", "embed")),
@@ -225,7 +237,7 @@ class MultiModel(nn.Module):
     self.mixer = Mixer(c)
     self.decoder = Decoder(c)
     if c.audio_ctc_weight > 0:
-      self.ctc_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=True)
+      self.ctc_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=True, kernels=kernels)
 
   def embed_inputs(self, batch: Mapping[str, Any], signature: TaskSignature):
     """The input modality net: [batch, length, d] and its padding mask (1 = real)."""

@@ -8,12 +8,12 @@ without allocating it. One example batch per modality pairing makes every modali
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
+from mm_jax import run
 from mm_jax.models.multimodel import MultiModel, TaskSignature
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/multimodel.py[:size,...]")
@@ -59,7 +59,7 @@ def example_tasks(config, num_classes: int, batch_size: int = 1):
 
 def abstract_params(config, num_classes: int):
   """Parameter shapes of the whole model, from tracing init (nothing is allocated)."""
-  model = MultiModel(ml_collections.FrozenConfigDict(config.model))
+  model = MultiModel(run.model_config(config.model, jax.default_backend()))
   batches, signatures = example_tasks(config, num_classes)
   init = lambda rng: model.init(
     {"params": rng}, batches, signatures, train=False, method=MultiModel.all_tasks
