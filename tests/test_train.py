@@ -85,6 +85,23 @@ def test_resume_continues_with_identical_losses(data_dir, one_device_run, tmp_pa
   np.testing.assert_array_equal(losses_of(second), one_device_run[1][2:])
 
 
+def test_a_checkpoint_continues_on_any_mesh(data_dir, one_device_run, tmp_path):
+  """Written on data=8, continued on data=2 x expert=4, then on one device: the losses of the run
+  that never moved. No conversion step: each array is read into the new mesh's shardings."""
+  segments = (
+    ({"mesh.data": 8}, 2, None),
+    ({"mesh.data": 2, "mesh.expert": 4}, 3, None),
+    ({"mesh.data": 1}, 4, jax.devices()[:1]),
+  )
+  losses = []
+  for mesh, steps, devices in segments:
+    config = tiny_config(data_dir, **mesh, **{"train.num_steps": steps})
+    result = train.train_and_evaluate(config, str(tmp_path), devices=devices)
+    assert result["train"][0][0] == len(losses) + 1  # resumed where the last mesh stopped
+    losses += list(losses_of(result))
+  np.testing.assert_allclose(losses, one_device_run[1], rtol=2e-5, atol=2e-5)
+
+
 def test_flat_optimizer_equals_per_leaf_across_a_resume(data_dir, one_device_run, tmp_path):
   """config.optimizer.flatten (clip and Adam on one vector) on a data-parallel mesh: the losses
   of the per-leaf optimizer on one device, also after a restore from its checkpoint."""
