@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import os
+import struct
 import sys
 
 import numpy as np
@@ -22,6 +23,8 @@ from etils import epath
 
 MAX_FILE_BYTES = 50 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000
+WAV_RATES = (4_000, 192_000)  # sample rates accepted, Hz
+WAV_MAX_CHANNELS = 8
 
 
 class PredictError(Exception):
@@ -121,6 +124,10 @@ def text_example(config, task, tok, text: str) -> dict:
   """Token ids padded to the task's input length, truncated as the pipeline truncates (EOS kept)."""
   if not text.strip():
     raise PredictError("empty sentence")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:  # bytes the shell could not decode arrive as lone surrogates
+    raise PredictError(f"{text!r} is not UTF-8 text: pass sentences encoded as UTF-8") from None
   from mm_jax.data import layout
 
   max_len = layout.text_length(config, task.name, "inputs")
@@ -140,29 +147,72 @@ def image_example(config, task, data: bytes, name: str = "image") -> dict:
 
   from mm_jax.data import layout, pipeline
 
+  limit = f"the {MAX_IMAGE_PIXELS:,}-pixel limit: resize it first"
   try:
-    with PIL.Image.open(io.BytesIO(data)) as image:
+    with PIL.Image.open(io.BytesIO(data)) as image:  # reads the header only
       width, height = image.size
       if image.format not in ("PNG", "JPEG"):
         raise PredictError(f"{name}: {image.format} image; use PNG or JPEG")
-  except (PIL.UnidentifiedImageError, OSError):
+      if width * height > MAX_IMAGE_PIXELS:
+        raise PredictError(f"{name}: {width}x{height} pixels is over {limit}")
+      image.load()  # decodes, within the limit: a truncated or corrupt file fails here
+  except PIL.Image.DecompressionBombError:
+    raise PredictError(f"{name}: its header declares an image over {limit}") from None
+  except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError):
     raise PredictError(f"{name}: not a readable PNG or JPEG image") from None
-  if width * height > MAX_IMAGE_PIXELS:
-    raise PredictError(f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
-  pixels = pipeline._image(tf.constant(data), layout.image_size(config, task))
+  try:
+    pixels = pipeline._image(tf.constant(data), layout.image_size(config, task))
+  except tf.errors.OpError:
+    raise PredictError(f"{name}: not a readable PNG or JPEG image") from None
   return {"inputs": pixels.numpy().astype(np.float32)}
 
 
-def read_wav(data: bytes, name: str = "audio") -> np.ndarray:
-  """Mono int16 samples at 16 kHz from any PCM/float WAV (mixed down and resampled)."""
+def wav_header(data: bytes, name: str = "audio") -> tuple[int, int, float]:
+  """(sample rate, channels, seconds) from a WAV file's RIFF chunks, without decoding it."""
+  unreadable = PredictError(f"{name}: not a readable WAV file")
+  if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    raise unreadable
+  fmt, data_bytes, pos = None, None, 12
+  while pos + 8 <= len(data):
+    chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+    if chunk == b"fmt " and size >= 16 and pos + 24 <= len(data):
+      fmt = struct.unpack("<HHIIHH", data[pos + 8 : pos + 24])
+    elif chunk == b"data":
+      data_bytes = min(size, len(data) - pos - 8)
+      break
+    pos += 8 + size + (size & 1)
+  if fmt is None or data_bytes is None:
+    raise unreadable
+  _, channels, rate, _, block_align, _ = fmt
+  if not WAV_RATES[0] <= rate <= WAV_RATES[1]:
+    raise PredictError(
+      f"{name}: its header says {rate} Hz; use audio sampled at "
+      f"{WAV_RATES[0] // 1000}-{WAV_RATES[1] // 1000} kHz"
+    )
+  if not 1 <= channels <= WAV_MAX_CHANNELS or block_align < 1:
+    raise PredictError(f"{name}: its header says {channels} channels; use 1-{WAV_MAX_CHANNELS}")
+  return rate, channels, data_bytes / (rate * block_align)
+
+
+def read_wav(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
+  """Mono int16 samples at 16 kHz from any PCM/float WAV (mixed down and resampled).
+
+  The header is checked first: audio longer than `max_seconds` is refused before any sample is
+  decoded or resampled, so memory stays bounded whatever the header claims.
+  """
   import scipy.io.wavfile
   import scipy.signal
 
   from mm_jax.data import features
 
+  _, _, seconds = wav_header(data, name)
+  if max_seconds is not None and seconds > max_seconds:
+    raise PredictError(
+      f"{name}: {seconds:.1f} s of audio is longer than this model's {max_seconds:.2f} s"
+    )
   try:
     rate, samples = scipy.io.wavfile.read(io.BytesIO(data))
-  except (ValueError, EOFError, OSError):
+  except Exception:  # noqa: BLE001 - scipy's reader fails in many ways on a damaged file
     raise PredictError(f"{name}: not a readable WAV file") from None
   samples = np.asarray(samples)
   if samples.dtype.kind == "i":  # PCM: full scale is -(min)
@@ -179,6 +229,14 @@ def read_wav(data: bytes, name: str = "audio") -> np.ndarray:
   return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
 
 
+def max_audio_seconds(config) -> float:
+  """The longest audio the model takes (config.data.max_audio_frames), in seconds."""
+  from mm_jax.data import features
+
+  frames = int(config.data.max_audio_frames)
+  return features.samples_for_frames(frames) / features.SAMPLE_RATE
+
+
 def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
   """Log-mel frames and mask exactly as in training; over-long audio is refused, not cut."""
   import tensorflow as tf
@@ -191,7 +249,7 @@ def audio_example(config, samples: np.ndarray, name: str = "audio") -> dict:
     raise PredictError(f"{name}: no audio samples")
   if frames > max_frames:
     seconds = len(samples) / features.SAMPLE_RATE
-    limit = features.samples_for_frames(max_frames) / features.SAMPLE_RATE
+    limit = max_audio_seconds(config)
     raise PredictError(
       f"{name}: {seconds:.1f} s of audio is longer than this model's {limit:.2f} s "
       f"(config.data.max_audio_frames={max_frames})"
@@ -207,7 +265,7 @@ def make_example(trained: Trained, task, user_input: str) -> dict:
   elif modality == "image":
     example = image_example(trained.config, task, _read_file(user_input), user_input)
   else:
-    samples = read_wav(_read_file(user_input), user_input)
+    samples = read_wav(_read_file(user_input), user_input, max_audio_seconds(trained.config))
     example = audio_example(trained.config, samples, user_input)
   example["target_space"] = np.int32(task.target_space_id)
   return example
