@@ -340,11 +340,12 @@ def report(name: str, num_slices: int, result: Compiled) -> str:
     lines.append(f"{op:<20}{c['count']:>8}{c['bytes'] / 1024**2:>16.2f}")
   est = speed(name, result)
   dtype = run.config.model.dtype
+  step = f"{1e3 * est['step_s']:>11.3f} ms" if est["step_s"] > 0 else f"{'unavailable':>14}"
   loops = run.config.train.microbatches
   lines += [
     "",
     "speed",
-    f"{'step time (estimate, TPU compiler)':<36}{1e3 * est['step_s']:>11.3f} ms",
+    f"{'step time (estimate, TPU compiler)':<36}{step}",
     f"{'model FLOPs per step (analytic)':<36}{est['model_flops'] / 1e9:>8.2f} GFLOP",
     f"{'XLA FLOPs per step, all devices':<36}{est['xla_flops'] / 1e9:>8.2f} GFLOP",
     f"{'peak per chip (' + dtype + ')':<36}{est['peak_flops'] / TFLOPS:>7.0f} TFLOP/s",
@@ -352,6 +353,8 @@ def report(name: str, num_slices: int, result: Compiled) -> str:
   ]
   if dtype == "float32":
     lines.append("  float32 at the default matmul precision: one bf16 pass, the bf16 peak")
+  if est["step_s"] <= 0:
+    lines.append(f"  the compiler's estimate is {est['step_s']:.3g} s: not a time")
   if loops > 1:
     lines.append(f"  microbatches={loops}: XLA's cost analysis may count the loop body once")
   return "\n".join(lines)
