@@ -75,6 +75,9 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # the default run's encoder learns to ignore the audio (multimodel.py, audio_ctc_loss).
   m.audio_ctc_weight = {"tiny": 0.3, "default": 1.0, "paper": 0.0}[size]
   m.dtype = "float32"  # activations; parameters are always float32
+  # What the backward pass recomputes instead of keeping from the forward pass, per body block:
+  # "none" | "block" (all but the block's inputs) | "dots" (all but its matmul outputs).
+  m.remat = "none"
   m.param_dtype = "float32"
 
   moe = ml_collections.ConfigDict()
