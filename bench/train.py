@@ -6,10 +6,10 @@
 
 About 10 minutes on 2 cores (the trainer subprocess is most of it; --skip_startup drops it).
 Every timing is a ratio against a baseline measured in the same run:
-- MFU: analytic model FLOPs of one train step (bench/model.py: every modality net, body, decoder
-  and softmax of every task group, at the batch's padded shapes; backward = 2x forward) / the
-  median of real step times (each step blocked until its outputs are ready) / the float32 matmul
-  peak, measured before and after the steps (the higher is used, so MFU is not inflated).
+- MFU: analytic model FLOPs of one train step (mm_jax/models/flops.py: every modality net, body,
+  decoder and softmax of every task group, at the batch's padded shapes; backward = 2x forward) /
+  the median of real step times (each step blocked until its outputs are ready) / the float32
+  matmul peak, measured before and after the steps (the higher is used, so MFU is not inflated).
 - Time to first step: the real trainer (`python -m mm_jax.main`) in a fresh subprocess with an
   empty compilation cache, split at its log lines; each piece / the total. Also its CPU-seconds
   through the first step / that wall time (cores in use). The embedded data must already be built
@@ -51,6 +51,7 @@ from mm_jax import grouping, sharding  # noqa: E402
 from mm_jax import run as run_lib  # noqa: E402
 from mm_jax import step as step_lib  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
+from mm_jax.models.flops import step_macs, train_flops  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "multimodel.py")
 FLAGS = flags.FLAGS
@@ -320,21 +321,6 @@ def xla_step_flops(trainer: InProcessTrainer) -> float:
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def step_macs(config, trainer: InProcessTrainer) -> dict[str, int]:
-  """Analytic forward multiply-adds per task group of the step's batches."""
-  return {
-    group.name: sum(
-      model_bench.task_forward_macs(
-        config.model,
-        group.signature,
-        trainer.batches[group.name]["inputs"].shape,
-        trainer.batches[group.name]["targets"].shape,
-      ).values()
-    )
-    for group in trainer.plan
-  }
-
-
 # ---------------------------------------------------------------------------- the table
 
 
@@ -348,16 +334,16 @@ def _met(ok: bool) -> str:
 
 def _mfu_rows(trainer, macs, times, peak):
   step_s = statistics.median(times)
-  flops = model_bench.train_flops(sum(macs.values()))
-  mfu = flops / step_s / peak
+  step_flops = train_flops(sum(macs.values()))
+  mfu = step_flops / step_s / peak
   xla_flops = xla_step_flops(trainer)
   _row("MFU of the train step")
-  _row("  model FLOPs per step (analytic)", f"{flops / 1e9:.2f} GFLOP")
+  _row("  model FLOPs per step (analytic)", f"{step_flops / 1e9:.2f} GFLOP")
   _row(
     "  XLA cost-analysis FLOPs (not used)",
     f"{xla_flops / 1e9:.2f} GFLOP",
     "analytic",
-    f"{xla_flops / flops:.2f}",
+    f"{xla_flops / step_flops:.2f}",
   )
   _row(
     f"  step time (median of {len(times)})", f"{step_s:.3f} s", f"matmul {peak / 1e9:.1f} GFLOP/s"
@@ -460,7 +446,7 @@ def main(argv):
       trainer.train_iter, FLAGS.input_batches, examples_per_step(trainer)
     )
 
-  macs = step_macs(config, trainer)
+  macs = step_macs(config.model, trainer.plan, trainer.batches)
   print()
   _row("measure", "value", "baseline (same run)", "ratio", "goal", "met")
   _row("-" * 44, "-" * 14, "-" * 26, "-" * 8, "-" * 12, "---")

@@ -77,6 +77,9 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # Activations; parameters are always float32. "auto": float32 on CPUs, bfloat16 on TPUs and
   # GPUs (decided by run.build from the run's devices).
   m.dtype = "bfloat16" if size == "paper" else "auto"
+  # What the backward pass recomputes instead of keeping from the forward pass, per body block:
+  # "none" | "block" (all but the block's inputs) | "dots" (all but its matmul outputs).
+  m.remat = "none"
   m.param_dtype = "float32"
   # The forms of every Dense and depthwise conv (mm_jax/models/blocks.py, KERNELS): "cpu" (written
   # out for XLA:CPU), "xla" (plain, for TPUs and GPUs) or "auto" (by the run's devices).

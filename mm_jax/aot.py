@@ -5,9 +5,12 @@
 libtpu (the `aot` extra) describes a slice's devices on this CPU machine; the trainer's own jitted
 step, lowered with ShapeDtypeStructs that carry shardings on a mesh of those devices, compiles to
 TPU code. No data is read: batch shapes come from the config. The report gives per-device memory
-against the chip's HBM and every collective with its bytes; a step that cannot fit fails here, at
-compile time, with one line and the numbers. On 2 CPU cores `:paper` for v5p-64 takes about 10-12
-minutes and 13-18 GB of host memory, more with two slices (docs/performance.md has the report).
+against the chip's HBM, every collective with its bytes, and the TPU compiler's estimate of the
+step time with the MFU it implies (analytic model FLOPs, mm_jax/models/flops.py, over that time
+and the chips' peak; bench/aot_calibration.py compares such estimates with published speeds). A
+step that cannot fit fails here, at compile time, with one line and the numbers. On 2 CPU cores
+`:paper` for v5p-64 takes about 10-12 minutes and 13-18 GB of host memory, more with two slices
+(docs/performance.md has the report).
 """
 
 import collections
@@ -31,8 +34,10 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 from mm_jax import run as run_lib  # noqa: E402
 from mm_jax import sharding  # noqa: E402
 from mm_jax.errors import ConfigError  # noqa: E402
+from mm_jax.models import flops  # noqa: E402
 
 GIB = 1024**3
+TFLOPS = 1e12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,29 +49,44 @@ class SliceType:
   chips_per_host: tuple[int, int, int]
   wrap: tuple[bool, bool, bool]
   hbm_bytes: int  # per device
+  peak_flops: float  # per chip, bf16 matmuls (Cloud TPU's published figure)
+
+  def peak_flops_for(self, dtype: str) -> float:
+    """The peak an MFU divides by, per chip, for activations of `dtype` (config.model.dtype).
+
+    float32 takes the bf16 peak: at JAX's default matmul precision a TPU multiplies float32
+    operands in one bf16 pass of its matrix unit (accumulating in float32), and the compiler's
+    estimate prices a float32 dot exactly as a bf16 one (bench/aot_calibration.py).
+    """
+    del dtype
+    return self.peak_flops
 
 
 _NO_WRAP = (False, False, False)
 _V4_HBM, _V5E_HBM, _V5P_HBM, _V6E_HBM = 32 * GIB, 16 * GIB, 95 * GIB, 32 * GIB
+_V4 = (_V4_HBM, 275 * TFLOPS)
+_V5E = (_V5E_HBM, 197 * TFLOPS)
+_V5P = (_V5P_HBM, 459 * TFLOPS)
+_V6E = (_V6E_HBM, 918 * TFLOPS)
 SLICES = {
-  "v4-8": SliceType("v4:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
-  "v4-16": SliceType("v4:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
-  "v4-32": SliceType("v4:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
-  "v4-64": SliceType("v4:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, _V4_HBM),
-  "v5e-4": SliceType("v5e:2x2", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
-  "v5e-8": SliceType("v5e:2x4", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
-  "v5e-16": SliceType("v5e:4x4", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
-  "v5e-32": SliceType("v5e:4x8", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
-  "v5e-64": SliceType("v5e:8x8", "default", (2, 2, 1), _NO_WRAP, _V5E_HBM),
-  "v5p-8": SliceType("v5:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
-  "v5p-16": SliceType("v5:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
-  "v5p-32": SliceType("v5:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
-  "v5p-64": SliceType("v5:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, _V5P_HBM),
-  "v5p-128": SliceType("v5:4x4x4", "megacore", (2, 2, 1), (True, True, True), _V5P_HBM),
-  "v6e-8": SliceType("v6e:2x4", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
-  "v6e-16": SliceType("v6e:4x4", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
-  "v6e-32": SliceType("v6e:4x8", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
-  "v6e-64": SliceType("v6e:8x8", "default", (2, 2, 1), _NO_WRAP, _V6E_HBM),
+  "v4-8": SliceType("v4:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, *_V4),
+  "v4-16": SliceType("v4:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, *_V4),
+  "v4-32": SliceType("v4:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, *_V4),
+  "v4-64": SliceType("v4:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, *_V4),
+  "v5e-4": SliceType("v5e:2x2", "default", (2, 2, 1), _NO_WRAP, *_V5E),
+  "v5e-8": SliceType("v5e:2x4", "default", (2, 2, 1), _NO_WRAP, *_V5E),
+  "v5e-16": SliceType("v5e:4x4", "default", (2, 2, 1), _NO_WRAP, *_V5E),
+  "v5e-32": SliceType("v5e:4x8", "default", (2, 2, 1), _NO_WRAP, *_V5E),
+  "v5e-64": SliceType("v5e:8x8", "default", (2, 2, 1), _NO_WRAP, *_V5E),
+  "v5p-8": SliceType("v5:2x2x1", "megacore", (2, 2, 1), _NO_WRAP, *_V5P),
+  "v5p-16": SliceType("v5:2x2x2", "megacore", (2, 2, 1), _NO_WRAP, *_V5P),
+  "v5p-32": SliceType("v5:2x2x4", "megacore", (2, 2, 1), _NO_WRAP, *_V5P),
+  "v5p-64": SliceType("v5:2x4x4", "megacore", (2, 2, 1), _NO_WRAP, *_V5P),
+  "v5p-128": SliceType("v5:4x4x4", "megacore", (2, 2, 1), (True, True, True), *_V5P),
+  "v6e-8": SliceType("v6e:2x4", "default", (2, 2, 1), _NO_WRAP, *_V6E),
+  "v6e-16": SliceType("v6e:4x4", "default", (2, 2, 1), _NO_WRAP, *_V6E),
+  "v6e-32": SliceType("v6e:4x8", "default", (2, 2, 1), _NO_WRAP, *_V6E),
+  "v6e-64": SliceType("v6e:8x8", "default", (2, 2, 1), _NO_WRAP, *_V6E),
 }
 
 
@@ -271,6 +291,45 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return totals
 
 
+def cost_analysis(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, list) else cost
+
+
+def speed(name: str, result: Compiled) -> dict[str, float]:
+  """The TPU compiler's estimate of one step and the MFU it implies (chips = devices: one device
+  per chip on every slice in SLICES).
+
+  `step_s`: cost analysis's `optimal_seconds` of the per-device program; `model_flops`: the
+  analytic FLOPs of the whole step's global batch (mm_jax/models/flops.py, backward = 2x
+  forward); `xla_flops`: the compiler's own count summed over devices (it includes what the
+  analytic count leaves out: the MoE's capacity padding, the optimizer, every elementwise op).
+
+  Cost analysis counts a loop's body once: with config.train.microbatches = N it prices one
+  microbatch's forward and backward plus the update (measured: N=2 halves both figures of the
+  tiny step). Both are multiplied by N here, which counts the update N times: for N > 1 the
+  time is an upper bound and the MFU a lower one.
+  """
+  run = result.run
+  cost = cost_analysis(result.compiled)
+  loops = run.config.train.microbatches
+  step_s = float(cost["optimal_seconds"]) * loops
+  macs = flops.step_macs(run.config.model, run.plan, run.batch_specs)
+  model_flops = flops.train_flops(sum(macs.values()))
+  peak = SLICES[name].peak_flops_for(run.config.model.dtype)
+  return {
+    "step_s": step_s,
+    "model_flops": model_flops,
+    "xla_flops": float(cost["flops"]) * run.mesh.size * loops,
+    "peak_flops": peak,
+    "mfu": model_flops / step_s / (run.mesh.size * peak) if step_s > 0 else float("nan"),
+  }
+
+
+def _flops_text(count: float) -> str:
+  return f"{count / 1e12:.2f} TFLOP" if count >= 1e12 else f"{count / 1e9:.2f} GFLOP"
+
+
 def report(name: str, num_slices: int, result: Compiled) -> str:
   hbm = SLICES[name].hbm_bytes
   memory = memory_per_device(result.compiled)
@@ -289,6 +348,30 @@ def report(name: str, num_slices: int, result: Compiled) -> str:
   lines += ["", f"{'collective':<20}{'count':>8}{'MiB per device':>16}"]
   for op, c in collectives(result.compiled.as_text()).items():
     lines.append(f"{op:<20}{c['count']:>8}{c['bytes'] / 1024**2:>16.2f}")
+  est = speed(name, result)
+  dtype = run.config.model.dtype
+  known = est["step_s"] > 0
+  step = f"{1e3 * est['step_s']:>11.3f} ms" if known else f"{'unavailable':>14}"
+  mfu = f"{est['mfu']:>14.1%}" if known else f"{'unavailable':>14}"
+  loops = run.config.train.microbatches
+  lines += [
+    "",
+    "speed",
+    f"{'step time (estimate, TPU compiler)':<36}{step}",
+    f"{'model FLOPs per step (analytic)':<36}{_flops_text(est['model_flops']):>14}",
+    f"{'XLA FLOPs per step, all devices':<36}{_flops_text(est['xla_flops']):>14}",
+    f"{'peak per chip (' + dtype + ')':<36}{est['peak_flops'] / TFLOPS:>7.0f} TFLOP/s",
+    f"{'MFU (estimate, TPU compiler)':<36}{mfu}",
+  ]
+  if dtype == "float32":
+    lines.append("  float32 at the default matmul precision: one bf16 pass, the bf16 peak")
+  if not known:
+    lines.append(f"  the compiler's estimate is {est['step_s']:.3g} s: not a time")
+  if loops > 1:
+    lines.append(
+      f"  microbatches={loops}: the compiler prices one microbatch (its loop body) and the update;"
+      f" time and XLA FLOPs are {loops} x its figures (an upper bound)"
+    )
   return "\n".join(lines)
 
 

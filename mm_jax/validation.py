@@ -29,6 +29,7 @@ FIELDS_ADDED_LATER = {
   "model.pack_groups": False,
   "model.moe.eval_drops": False,
   "model.kernels": "cpu",
+  "model.remat": "none",
   "optimizer.flatten": False,
   "train.microbatches": 1,
   "train.init_prng_impl": INIT_PRNG_IMPLS[0],
@@ -123,6 +124,12 @@ def _validate_model(m, mesh, expert_axes):
       isinstance(value, int) and value >= 0, f"config.model.{name}={value!r}: use an integer >= 0"
     )
   _require(m.ffn in ("moe", "dense"), f"config.model.ffn={m.ffn!r}: use 'moe' or 'dense'")
+  from mm_jax.models.multimodel import REMAT_MODES
+
+  _require(
+    m.remat in REMAT_MODES,
+    f"config.model.remat={m.remat!r}: use one of {', '.join(map(repr, REMAT_MODES))}",
+  )
   ctc = m.audio_ctc_weight
   _require(
     isinstance(ctc, int | float) and ctc >= 0,

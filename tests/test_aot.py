@@ -114,8 +114,12 @@ def test_tiny_train_step_compiles_for_v5e_8():
   found = aot.collectives(result.compiled.as_text())
   assert found["all-to-all"]["count"] > 0  # experts split over the expert axis
   assert found["all-reduce"]["count"] > 0  # gradients summed over the batch axes
+  speed = aot.speed("v5e-8", result)
+  assert speed["step_s"] > 0 and 0 < speed["mfu"] <= 1, speed
+  assert speed["model_flops"] > 0 and speed["peak_flops"] == aot.SLICES["v5e-8"].peak_flops
   text = aot.report("v5e-8", 1, result)
   assert "HBM of the chip" in text and "all-to-all" in text
+  assert "step time (estimate, TPU compiler)" in text and "MFU (estimate, TPU compiler)" in text
   # The host stays a CPU: the TPU was only a compile target.
   assert jax.devices()[0].platform == "cpu"
 

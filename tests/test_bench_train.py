@@ -1,4 +1,4 @@
-"""bench/model.py's analytic FLOP count, the MFU numerator of bench/train.py, against the model.
+"""The analytic FLOP count (mm_jax/models/flops.py), the MFU numerator, against the model.
 
 The reference is independent of the formulas: trace the real model's forward pass and add up the
 multiply-adds of every dot_general and convolution in the jaxpr. Depthwise convs are routed
@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from bench import model as model_bench  # noqa: E402
 from configs.multimodel import get_config  # noqa: E402
 from mm_jax import run  # noqa: E402
-from mm_jax.models import blocks  # noqa: E402
+from mm_jax.models import blocks, flops  # noqa: E402
 from mm_jax.models.multimodel import MultiModel, TaskSignature  # noqa: E402
 
 
@@ -88,13 +87,11 @@ def test_analytic_macs_match_the_traced_model(name, monkeypatch):
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, signature, train=False))
   jaxpr = jax.make_jaxpr(lambda p: model.apply(p, batch, signature, train=False))(params)
   traced = traced_macs(jaxpr.jaxpr)
-  analytic = model_bench.task_forward_macs(
-    m, signature, batch["inputs"].shape, batch["targets"].shape
-  )
+  analytic = flops.task_forward_macs(m, signature, batch["inputs"].shape, batch["targets"].shape)
   assert sum(analytic.values()) == traced
 
 
 def test_train_flops_and_moe_count_by_hand():
   m = get_config("tiny").model  # d 32, 4 experts, k 2, hidden 64, noisy gating
-  assert model_bench.ffn_macs(m) == 2 * (32 * 64 + 64 * 32) + 2 * 32 * 4
-  assert model_bench.train_flops(10) == 60
+  assert flops.ffn_macs(m) == 2 * (32 * 64 + 64 * 32) + 2 * 32 * 4
+  assert flops.train_flops(10) == 60

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mm_jax import losses
@@ -59,6 +60,23 @@ def _conv_groups(config) -> tuple[tuple[tuple[int, int], ...], ...]:
   return as_pairs(config.conv_group1), as_pairs(config.conv_group2)
 
 
+# config.model.remat: what the backward pass recomputes of each body block (encoder ConvBlocks,
+# DecoderLayers, the FFN/MoE layers) instead of keeping it from the forward pass.
+REMAT_MODES = ("none", "block", "dots")
+
+
+def remat(fn, config, train: bool):
+  """`fn(block, *args)` as config.model.remat says: "none" keeps every activation for the
+  backward pass; "block" keeps only the block's inputs and recomputes the rest; "dots" also keeps
+  the outputs of its matmuls without batch dimensions (the Dense layers), recomputing the
+  elementwise work (convolution taps, norms, activations) around them. Without `train` there is
+  no backward pass: `fn` as it is."""
+  if config.remat == "none" or not train:
+    return fn
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(fn, policy=policy if config.remat == "dots" else None)
+
+
 def make_ffn(config) -> nn.Module:
   """The body's feed-forward layer: the sparsely-gated MoE, or a dense FFN for the ablation."""
   if config.ffn == "dense":
@@ -100,12 +118,15 @@ class Encoder(nn.Module):
 
   def __call__(self, x, mask, *, train: bool, packing=None):
     """`packing` (packing.Packing): x [rows, tokens, d] holds several groups' sequences."""
+    c = self.config
     x = nn.with_logical_constraint(add_timing_signal(x, packing), EMBED_AXES)
+    conv = remat(lambda block, x, mask: block(x, mask, train=train, packing=packing), c, train)
+    ffn = remat(lambda layer, x, mask: layer(x, mask, train=train), c, train)
     for block in self.before:
-      x = block(x, mask, train=train, packing=packing)
-    x, aux = self.ffn(x, mask, train=train)
+      x = conv(block, x, mask)
+    x, aux = ffn(self.ffn, x, mask)
     for block in self.after:
-      x = block(x, mask, train=train, packing=packing)
+      x = conv(block, x, mask)
     return zero_padding(x, mask), aux
 
 
@@ -187,11 +208,17 @@ class Decoder(nn.Module):
     self.after = [DecoderLayer(c) for _ in range(c.decoder_blocks_after_ffn)]
 
   def __call__(self, x, mask, memory, memory_mask, *, train: bool, timing=None, packing=None):
+    c = self.config
+    run = lambda layer, x, memory, memory_mask, timing: layer(
+      x, memory, memory_mask, train=train, timing=timing, packing=packing
+    )
+    run = remat(run, c, train)
+    ffn = remat(lambda layer, x, mask: layer(x, mask, train=train), c, train)
     for layer in self.before:
-      x = layer(x, memory, memory_mask, train=train, timing=timing, packing=packing)
-    x, aux = self.ffn(x, mask, train=train)
+      x = run(layer, x, memory, memory_mask, timing)
+    x, aux = ffn(self.ffn, x, mask)
     for layer in self.after:
-      x = layer(x, memory, memory_mask, train=train, timing=timing, packing=packing)
+      x = run(layer, x, memory, memory_mask, timing)
     return x, aux
 
 
