@@ -77,20 +77,29 @@ def _one_line(error: BaseException) -> str:
 
 
 def _parse_flags(argv):
-  """absl's parsing, but a bad flag or override is one stderr line and exit 2, not usage text."""
+  """absl's parsing, but a bad flag, override or config file is one stderr line and exit 2, not
+  usage text or a traceback."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
     print(f"flag error: {_one_line(error)}", file=sys.stderr, flush=True)
   except (AttributeError, KeyError) as error:  # an override naming a field the config lacks
-    key = str(error).strip("\"'")
-    named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a]
-    print(
-      f"flag error: {', '.join(named) or key}: the config has no field {key!r}",
-      file=sys.stderr,
-      flush=True,
-    )
+    print(f"flag error: {_missing_field(error, argv)}", file=sys.stderr, flush=True)
+  except Exception as error:  # noqa: BLE001 - a config file that is missing or does not load
+    print(f"flag error: --config: {_one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(2)
+
+
+def _missing_field(error: BaseException, argv) -> str:
+  """ "--config.train.num_stepz: the config has no field 'num_stepz'; did you mean ..."."""
+  text = str(error.args[0] if error.args else error)
+  # ml_collections' message arrives with its quotes and newline escaped, as written in its repr.
+  lines = text.replace("\\n", "\n").replace("\\'", "'").splitlines() or [""]
+  key = lines[0].strip("\"' ")
+  hint = " ".join(line.strip() for line in lines[1:] if line.strip()).rstrip("'")
+  named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a]
+  message = f"{', '.join(named) or key}: the config has no field {key!r}"
+  return f"{message}; {hint[0].lower()}{hint[1:]}" if hint else message
 
 
 def main(argv):

@@ -3,6 +3,7 @@
 Each failure is a `ConfigError` whose message is one line: the field, the bad value, the fix.
 """
 
+import math
 import os
 import uuid
 
@@ -90,6 +91,7 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
   _validate_optimizer(config.optimizer, mesh, rules)
   _validate_train(config.train)
   _validate_data(config, mesh)
+  _validate_decode(config.decode)  # after the data: max_decode_length follows max_text_length
   if check_data:
     _check_paper_sources(config)
   return mesh
@@ -138,6 +140,8 @@ def _validate_model(m, mesh, expert_axes):
   _positive_int(m.audio_stem_stride, "config.model.audio_stem_stride")
   _positive_int(m.vocab_size, "config.model.vocab_size")
   _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
+  _positive_int(m.audio_blocks, "config.model.audio_blocks")
+  _positive_int(m.audio_num_mel_bins, "config.model.audio_num_mel_bins")
   _require(
     m.dtype in ACTIVATION_DTYPES,
     f"config.model.dtype={m.dtype!r}: use one of {ACTIVATION_DTYPES}",
@@ -168,8 +172,8 @@ ACTIVATION_ONLY_AXES = ("batch", "group", "length", "capacity")
 
 def _validate_optimizer(o, mesh, rules):
   _require(
-    isinstance(o.learning_rate, int | float) and o.learning_rate > 0,
-    f"config.optimizer.learning_rate={o.learning_rate!r}: use a positive number",
+    _is_number(o.learning_rate) and math.isfinite(o.learning_rate) and o.learning_rate > 0,
+    f"config.optimizer.learning_rate={o.learning_rate!r}: use a finite positive number",
   )
   _require(
     isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
@@ -228,12 +232,30 @@ def _validate_train(t):
   )
 
 
+def _validate_decode(dec):
+  _positive_int(dec.beam_size, "config.decode.beam_size")
+  _positive_int(dec.max_decode_length, "config.decode.max_decode_length")
+  _require(
+    _is_number(dec.length_penalty)
+    and math.isfinite(dec.length_penalty)
+    and dec.length_penalty >= 0,
+    f"config.decode.length_penalty={dec.length_penalty!r}: use a number >= 0 (0.6 is usual)",
+  )
+
+
+def _one_of(value, choices: tuple, field: str):
+  _require(value in choices, f"{field}={value!r}: use one of {', '.join(map(repr, choices))}")
+
+
 def _validate_data(config, mesh):
   from mm_jax.data import layout, tasks
 
   d = config.data
   mixtures = ("embedded", "paper")
   _require(d.mixture in mixtures, f"config.data.mixture={d.mixture!r}: use one of {mixtures}")
+  _one_of(d.embedded_scale, layout.EMBEDDED_SCALES, "config.data.embedded_scale")
+  _one_of(d.text_overlength, layout.TEXT_OVERLENGTH, "config.data.text_overlength")
+  _one_of(d.parse_pos_tags, layout.PARSE_POS_TAGS, "config.data.parse_pos_tags")
   names = [t for t in str(d.tasks).split(",") if t]
   _require(bool(names), "config.data.tasks is empty: name at least one task")
   known = tuple(tasks.TASKS)

@@ -101,6 +101,14 @@ CASES = {
     "config.data.target_lengths.translate_en_de",
   ),
   "length_of_unknown_task": ({"data.input_lengths": {"nosuch": 8}}, "config.data.input_lengths"),
+  "unknown_embedded_scale": ({"data.embedded_scale": "huge"}, "config.data.embedded_scale"),
+  "unknown_text_overlength": ({"data.text_overlength": "bogus"}, "config.data.text_overlength"),
+  "unknown_pos_tags": ({"data.parse_pos_tags": "some"}, "config.data.parse_pos_tags"),
+  "negative_audio_blocks": ({"model.audio_blocks": -1}, "config.model.audio_blocks"),
+  "zero_beam": ({"decode.beam_size": 0}, "config.decode.beam_size"),
+  "negative_length_penalty": ({"decode.length_penalty": -1.0}, "config.decode.length_penalty"),
+  "infinite_learning_rate": ({"optimizer.learning_rate": float("inf")}, "learning_rate=inf"),
+  "nan_learning_rate": ({"optimizer.learning_rate": float("nan")}, "learning_rate=nan"),
 }
 
 
@@ -188,6 +196,11 @@ FLAG_CASES = {
   "unknown_flag": (["--bogus=1"], "bogus"),
   "unknown_variant": (["--config=configs/multimodel.py:huge"], "huge"),
   "missing_config_file": (["--config=configs/nosuch.py"], "configs/nosuch.py"),
+  "missing_config_file_with_override": (
+    ["--config=configs/nosuch.py", "--config.seed=1"],
+    "configs/nosuch.py",
+  ),
+  "misspelt_field": (["--config.train.num_stepz=5"], 'did you mean "num_steps"'),
   "stray_argument": (["stray"], "stray"),
 }
 
@@ -208,6 +221,15 @@ def test_bad_command_line_is_one_line(name, tmp_path):
   assert result.returncode == 2, result.stderr
   assert named in _one_error_line(result.stderr, "flag error:")
   assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_config_file_that_does_not_parse_is_one_line(tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n  pass\n")
+  result = _run_main([f"--config={broken}"], tmp_path / "work")
+  assert result.returncode == 2, result.stderr
+  line = _one_error_line(result.stderr, "flag error:")
+  assert "invalid syntax" in line and "broken.py" in line and "\\" not in line
 
 
 def test_missing_config_flag(tmp_path):

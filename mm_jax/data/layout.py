@@ -16,6 +16,13 @@ from mm_jax import sharding
 from mm_jax.data import tasks as tasks_lib
 from mm_jax.errors import ConfigError
 
+# Sizes of the embedded mixture's build (config.data.embedded_scale): "tiny" for tests.
+EMBEDDED_SCALES = ("tiny", "full")
+# What happens to text longer than its padded length (config.data.text_overlength).
+TEXT_OVERLENGTH = ("truncate", "drop")
+# POS tags in linearised parse trees (config.data.parse_pos_tags): as they are, or all "XX".
+PARSE_POS_TAGS = ("keep", "xx")
+
 
 def task_names(config) -> list[str]:
   names = [n.strip() for n in str(config.data.tasks).split(",") if n.strip()]

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import tensorflow_datasets as tfds
 
-SCALES = ("tiny", "full")
+from mm_jax.data.layout import EMBEDDED_SCALES as SCALES
 
 
 def scale_covers(built: str | None, wanted: str) -> bool:
