@@ -53,7 +53,7 @@ class _LibraryInfoFilter:
 
   def filter(self, record):
     if record.levelno >= 30:  # warnings and errors pass, unless routine
-      message = str(record.msg)
+      message = record.getMessage()
       return not any(part in message for part in self._ROUTINE_WARNINGS)
     return not any(part in record.pathname for part in self._NOISY)
 
