@@ -63,10 +63,12 @@ require_value() {
   [[ -n $value ]] || die "$flag is required (see --help)"
 }
 
+# Decimal digits without a leading zero: bash arithmetic reads "09" as octal (and fails) or "010"
+# as 8, so such a value is refused rather than read differently from how it was written.
 require_int() {
   local flag=$1 value=$2 min=$3
-  if ! [[ $value =~ ^[0-9]+$ ]] || ((10#$value < min)); then
-    die "$flag must be an integer >= $min, got '$value'"
+  if ! [[ $value =~ ^(0|[1-9][0-9]*)$ ]] || ((value < min)); then
+    die "$flag must be an integer >= $min without leading zeros, got '$value'"
   fi
 }
 

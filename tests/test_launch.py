@@ -440,6 +440,8 @@ def test_tpu_loop_waits_restarts_and_stops_on_real_failures(tmp_path):
 
 _BAD_ARGS = [
   ("local.sh", ["--num-processes=0"], "--num-processes"),
+  ("local.sh", ["--num-processes=09"], "--num-processes"),
+  ("local.sh", ["--port=08"], "--port"),
   ("local.sh", ["--devices-per-process=two"], "--devices-per-process"),
   ("local.sh", ["--port=70000"], "--port"),
   ("local.sh", ["--frobnicate=1"], "--frobnicate"),
