@@ -1,12 +1,13 @@
 """The cost of checkpoint checksums: save and restore the train state with and without them.
 
-  python bench/checkpoint.py [--size=default] [--repeats=5] [--dir=/tmp]
+  python bench/checkpoint.py [--size=default] [--repeats=5] [--dir=/tmp] [--note=TEXT]
 
 The state is the config's initial train state (parameters and optimizer state; the values do not
 matter). "with" is mm_jax's Checkpointer: the arrays' CRC32s taken at save, committed in the step,
 verified at restore. "without" is the same orbax CheckpointManager saving and restoring the state
-and data items alone. The two take turns, each in a fresh directory, and the order alternates from
-one repeat to the next. Times are medians over the repeats:
+and data items alone (after the metadata check a restore made before checksums too). The two take
+turns, each in a fresh directory, and the order alternates from one repeat to the next. Times are
+medians over the repeats:
 
   save (blocking)  what the training loop waits for: the save call (async orbax copies the arrays
                    to the host; mm_jax also takes their checksums here)
@@ -67,6 +68,7 @@ def without_checksums(directory, state, target):
   ckpt.close()
   ckpt = checkpointing.Checkpointer(directory, keep=1)
   start = time.perf_counter()
+  ckpt.check_matches(target)
   restored = ckpt.manager.restore(
     1,
     args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
@@ -94,6 +96,7 @@ def main():
   parser.add_argument("--size", default="default")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoints go")
+  parser.add_argument("--note", default="", help="a line on the conditions, e.g. the load")
   args = parser.parse_args()
 
   config = multimodel_config.get_config(args.size)
@@ -138,6 +141,7 @@ def main():
       f"{size / 2**20:.1f} MiB",
       "",
       header(),
+      *([args.note] if args.note else []),
       "",
       f"Medians of {args.repeats} turns each, taken turn about, on {jax.devices()[0].platform}; "
       f"checksums alone: {take:.3f} s to take (CRC32 of the host bytes), "
