@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import short_kernels  # noqa: E402
+import xla_flags
 
 from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import checkpointing, evaluate, predict, train  # noqa: E402
@@ -607,6 +608,89 @@ def test_evaluate_refuses_bad_arguments_and_never_overwrites_results_with_fewer(
   same["results"] = {"image_classification": {"accuracy": 60.0, "top5": 90.0}}
   assert evaluate.results_path(workdir, 4, same).name == "eval_step4.json"
   assert evaluate.results_path(workdir, 5, fewer).name == "eval_step5.json"
+
+
+# One of two processes (4 CPU devices each): saves its shards' checksums, restores step 2 and
+# checks it holds step 2's values; then (after process 0 breaks the checksum of a shard process 1
+# owns) restores again, and prints what it got.
+_TWO_PROCESS_CHECKSUMS = """
+import json, os, sys
+import jax, numpy as np
+index, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index)
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mm_jax import checkpointing
+mesh = Mesh(np.array(jax.devices()), ("d",))
+def state(scale):
+  w = scale * np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+  split, whole = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+  return {"params": {
+    "w": jax.make_array_from_callback(w.shape, split, lambda i: w[i]),
+    "b": jax.make_array_from_callback((16,), whole, lambda i: np.full(16, scale, np.float32)[i]),
+  }}
+def restore():
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(1)
+  )
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  step, got, data = ckpt.restore_latest(target)
+  ckpt.close()
+  shards = [s.data for leaf in jax.tree.leaves(got) for s in leaf.addressable_shards]
+  want = [s.data for leaf in jax.tree.leaves(state(step)) for s in leaf.addressable_shards]
+  return step, data, all(np.array_equal(a, b) for a, b in zip(shards, want))
+ckpt = checkpointing.Checkpointer(directory, keep=3)
+for step in (1, 2):
+  ckpt.save(step, state(step), {"process": index})
+ckpt.close()
+print("first", *restore(), flush=True)
+multihost_utils.sync_global_devices("restored")
+if index == 0:
+  path = os.path.join(directory, "2", "checksums", "metadata")
+  saved = json.loads(open(path).read())
+  saved["leaves"]["params.w"]["40:48,0:16"] = "00000000"  # a shard on process 1's devices
+  open(path, "w").write(json.dumps(saved))
+multihost_utils.sync_global_devices("broken")
+print("then", *restore(), sorted(os.listdir(directory)), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_check_their_own_shards_and_fall_back_together(tmp_path):
+  """Each process checks the shards it holds; a mismatch on one makes both restore the step
+  before (a process restoring another step than its peers would hang the run)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  directory = str(tmp_path / "checkpoints")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.xla_flags(4))
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_CHECKSUMS, str(i), str(port), directory],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  saved = json.loads(
+    pathlib.Path(glob.glob(f"{directory}/corrupt/2-*")[0], "checksums", "metadata").read_text()
+  )
+  assert len(saved["leaves"]["params.w"]) == 8  # one checksum per shard, from both processes
+  for index, output in enumerate(outputs):
+    lines = output.splitlines()
+    assert f"first 2 {{'process': {index}}} True" in lines, output[-3000:]
+    assert f"then 1 {{'process': {index}}} True ['1', 'corrupt']" in lines, output[-3000:]
+    (line,) = [line for line in lines if "is damaged" in line]
+    reason = "params.w[40:48,0:16]" if index == 1 else "another process's shards"
+    assert reason in line and "restored step 1 instead" in line, line
+    _assert_quiet(output)
 
 
 def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):
