@@ -15,9 +15,10 @@ usage() {
 Usage: launch/tpu_pod.sh --name=NAME --zone=ZONE --workdir=gs://BUCKET/PATH [options]
                          [-- flags for mm_jax.main]
 
-Creates (or reuses) the Cloud TPU VM slice NAME, copies this working tree to ~/mm_jax on every
-worker and installs it with the tpu extra (or pip-installs --pip-spec), then runs
-  cd ~/mm_jax && python3 -m mm_jax.main --config=CONFIG --workdir=WORKDIR --distributed [flags]
+Creates (or reuses) the Cloud TPU VM slice NAME, copies the files git tracks in this checkout
+(their working-tree contents; untracked and ignored files stay here) to ~/mm_jax-launch/code on
+every worker and installs it with the tpu extra (or pip-installs --pip-spec), then runs
+  cd ~/mm_jax-launch/code && python3 -m mm_jax.main --config=CONFIG --workdir=WORKDIR --distributed [flags]
 on all workers (gcloud ... ssh --worker=all), streaming their output here and into
 LOG_DIR/attempt-N.log. If the run ends while the VM is not READY (PREEMPTED, TERMINATED, ...), or the
 ssh connection dropped (exit 255), the VM is recreated (or waited for) and the same command rerun,
@@ -43,7 +44,8 @@ Options (--flag=value or --flag value):
   --pip-spec=SPEC            pip-install SPEC on the workers instead of this working tree, e.g.
                              'mm_jax[tpu] @ git+https://github.com/OWNER/mm_jax@v0.1.0'
                              (configs/ is still copied so that --config resolves)
-  --skip-setup               the workers already have ~/mm_jax installed: copy and install nothing
+  --skip-setup               the workers already have ~/mm_jax-launch/code installed: copy and
+                             install nothing
                              (a recreated VM is still set up)
   --log-dir=DIR              local logs, attempt-N.log (default workdir/tpu-logs/NAME)
   --max-restarts=N           give up after N restarts (default 50)
@@ -134,9 +136,13 @@ require_choice --retry-on "$RETRY_ON" preemption any
 LOG_DIR=$(absolute_path "${LOG_DIR:-workdir/tpu-logs/$NAME}")
 LOCATION=("--zone=$ZONE")
 if [[ -n $PROJECT ]]; then LOCATION+=("--project=$PROJECT"); fi
-TARBALL="${TMPDIR:-/tmp}/mm_jax-$NAME.tar.gz"
+# The launcher's own folder on the workers: it replaces what is inside it and touches nothing else.
 # shellcheck disable=SC2088  # the tilde is for the workers' shell to expand
-REMOTE_DIR='~/mm_jax'
+REMOTE_HOME='~/mm_jax-launch'
+REMOTE_DIR="$REMOTE_HOME/code"
+# The code's archive here: a private temporary file (mktemp), removed when this script exits.
+# Under --dry-run the plan names it by its mktemp template.
+TARBALL=""
 
 # Under --dry-run, the states and exit codes the printed plan assumes (see --help).
 DRY_STATES=(ABSENT PREEMPTED READY)
@@ -208,16 +214,44 @@ on_all_workers() {
     --ssh-flag=-oServerAliveCountMax=6 "--command=$1"
 }
 
+# Packs the files git tracks under $@ (paths in the repository) into TARBALL: never untracked or
+# ignored files (keys, data, workdirs). A tracked file deleted from the working tree is left out.
+pack_tracked() {
+  local list=(git -C "$REPO" ls-files -z -- "$@")
+  local pack=(tar -C "$REPO" --null --ignore-failed-read -T - -czf "$TARBALL")
+  if ((DRY_RUN)); then
+    printf '%s | %s\n' "$(quote_command "${list[@]}")" "$(quote_command "${pack[@]}")"
+    return 0
+  fi
+  git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
+    fail "$REPO is not a git checkout: only the files git tracks are sent (use --pip-spec)"
+  "${list[@]}" | "${pack[@]}" 2>/dev/null ||
+    fail "could not pack the tracked files of $REPO into $TARBALL"
+}
+
+make_tarball() {
+  if [[ -n $TARBALL ]]; then return 0; fi
+  if ((DRY_RUN)); then
+    TARBALL="${TMPDIR:-/tmp}/mm_jax-$NAME.XXXXXX"
+    return 0
+  fi
+  TARBALL=$(mktemp "${TMPDIR:-/tmp}/mm_jax-$NAME.XXXXXX") || fail "mktemp failed"
+  trap 'rm -f "$TARBALL"' EXIT
+}
+
 setup_workers() {
   local contents=(.) install='python3 -m pip install -q -e ".[tpu]"'
   if [[ -n $PIP_SPEC ]]; then
     contents=(configs)
     install="python3 -m pip install -q $(quote_word "$PIP_SPEC")"
   fi
-  run tar -C "$REPO" --exclude-vcs '--exclude=./workdir*' --exclude=__pycache__ \
-    --exclude='*.egg-info' -czf "$TARBALL" "${contents[@]}"
-  tpu_vm scp "$TARBALL" "$NAME:mm_jax.tar.gz" --worker=all
-  on_all_workers "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/mm_jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && $install"
+  make_tarball
+  pack_tracked "${contents[@]}"
+  # Everything goes inside the launcher's folder: the archive, then the code that replaces the
+  # previous copy.
+  on_all_workers "mkdir -p $REMOTE_HOME"
+  tpu_vm scp "$TARBALL" "$NAME:${REMOTE_HOME#'~/'}/code.tar.gz" --worker=all
+  on_all_workers "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf $REMOTE_HOME/code.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && $install"
   NEEDS_SETUP=0
 }
 

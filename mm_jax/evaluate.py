@@ -127,23 +127,68 @@ def _text(value) -> str:
 # the trainer's evaluation on the newest checkpoint, printed as a table and saved as JSON.
 
 
+def check_arguments(eval_batches, beam_size):
+  """Raises PredictError (one line) for a value evaluation cannot use."""
+  from mm_jax import predict
+
+  if eval_batches is not None and eval_batches < 1:
+    raise predict.PredictError(f"--eval_batches={eval_batches}: use 1 or more")
+  if beam_size is not None and beam_size < 1:
+    raise predict.PredictError(f"--beam_size={beam_size}: use 1 or more")
+
+
+def results_path(workdir: str, step: int, record: dict):
+  """Where `record` goes: eval_stepN.json, unless that file holds results this record would
+  lose (a task or metric it lacks, or other settings); then the first free eval_stepN-K.json."""
+  import json
+
+  from etils import epath
+
+  path = epath.Path(workdir) / f"eval_step{step}.json"
+  if not path.exists():
+    return path
+  try:
+    old = json.loads(path.read_text())
+  except (OSError, ValueError):
+    old = None  # unreadable: kept as it is
+  if isinstance(old, dict) and _covers(record, old):
+    return path
+  k = 2
+  while (candidate := epath.Path(workdir) / f"eval_step{step}-{k}.json").exists():
+    k += 1
+  return candidate
+
+
+def _covers(new: dict, old: dict) -> bool:
+  """Whether `new` repeats `old`'s evaluation: the same settings, and every task and metric."""
+  settings = ("eval_batches", "beam_size")
+  if any(old.get(key) != new.get(key) for key in settings) or not isinstance(
+    old.get("results"), dict
+  ):
+    return False
+  return all(
+    task in new["results"] and set(metrics) <= set(new["results"][task])
+    for task, metrics in old["results"].items()
+  )
+
+
 def main(argv):
   import json
   import sys
 
   from absl import flags
-  from etils import epath
 
   from mm_jax import predict
 
   del argv
   values = flags.FLAGS
   try:
+    check_arguments(values.eval_batches, values.beam_size)
     trained = predict.load_trained(values.workdir, values.config)
     tasks = trained.run.tasks
     chosen = values.tasks.split(",") if values.tasks else list(tasks)
     unknown = [t for t in chosen if t not in tasks]
-    if unknown:
+    if unknown or not chosen:
       raise predict.PredictError(f"unknown task(s) {unknown}: this run has {', '.join(tasks)}")
   except predict.PredictError as error:
     print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
@@ -153,13 +198,27 @@ def main(argv):
     config.train.eval_batches = values.eval_batches
   if values.beam_size is not None:
     config.decode.beam_size = values.beam_size
+  if config.train.eval_batches < 1:  # the run's own config may evaluate nothing
+    print(
+      f"evaluate: error: the run's config.train.eval_batches={config.train.eval_batches}: "
+      "pass --eval_batches=N (1 or more)",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(2)
   evaluator = Evaluator(trained.run, trained.tokenizer, chosen, config)
   results = evaluator.evaluate(trained.params)
   print(f"step {trained.step}, beam size {config.decode.beam_size}")
   print(Evaluator.table(results), flush=True)
   if jax.process_index() == 0:
-    path = epath.Path(values.workdir) / f"eval_step{trained.step}.json"
-    path.write_text(json.dumps({"step": trained.step, "results": results}, indent=2))
+    record = {
+      "step": trained.step,
+      "eval_batches": config.train.eval_batches,
+      "beam_size": config.decode.beam_size,
+      "results": results,
+    }
+    path = results_path(values.workdir, trained.step, record)
+    path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 
 

@@ -3,17 +3,40 @@
 Any `--config.field=value` overrides a config field. A bad config ends the run before anything is
 compiled, with one line on stderr naming the field and the fix, and exit status 2 (a bad flag
 too). Other exits: 3 after too many non-finite steps in a row, 4 when a checkpoint cannot be
-written, 143 after SIGTERM (a checkpoint of the current step was saved first).
+written or none of those there can be read intact, 143 after SIGTERM (a checkpoint of the
+current step was saved first, when the training loop was running).
+
+SIGTERM is honoured from the moment this module is imported: it is blocked (kept pending, also
+across memory.py's re-execution) until the handler that records it is installed. The training
+loop's own handler (train._TerminationFlag) takes a recorded signal over and saves; a signal the
+loop never saw ends the process with 143 and one line.
 """
 
 import os
+import signal
 import sys
 
-from mm_jax import backend, memory
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+from mm_jax import backend, memory  # noqa: E402
+
+
+class _Sigterm:
+  """SIGTERM's handler until the training loop installs its own: records the signal. Its
+  `received` is what the loop's handler reads when it takes over."""
+
+  received = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    _Sigterm.received = True
+
 
 backend.use_cpu_alone_without_accelerators()  # before JAX is imported (see backend.py)
 if backend.cpu_only():  # the allocator tuning is for XLA:CPU's buffers
   memory.restart_with_tuned_malloc()  # it re-executes the process (see memory.py)
+signal.signal(signal.SIGTERM, _Sigterm())
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
@@ -42,7 +65,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 class _LibraryInfoFilter:
   """Keeps INFO lines from our code; libraries' INFO chatter is dropped, and so are the warnings
   every run gets that say nothing about this run (a dataset folder being built, a deprecated
-  TFDS field read inside TFDS, orbax registering its array handler)."""
+  TFDS field read inside TFDS, orbax registering its array handler). Orbax's own reports of a
+  failed save or restore (tracebacks from its threads, one per pending operation) are dropped
+  too: mm_jax/checkpointing.py reports each failure in one line."""
 
   _NOISY = ("tensorflow_datasets", "orbax", "etils", "jax/_src", "clu/")
   _ROUTINE_WARNINGS = (
@@ -50,8 +75,15 @@ class _LibraryInfoFilter:
     "`FeatureConnector.dtype` is deprecated",
     "Type handler registry type",
   )
+  _REPORTED_BY_CHECKPOINTING = ("but could not be restored",)
 
   def filter(self, record):
+    if "orbax" in record.pathname and (
+      record.exc_info
+      or record.levelno >= 40
+      or any(part in str(record.msg) for part in self._REPORTED_BY_CHECKPOINTING)
+    ):
+      return False
     if record.levelno >= 30:  # warnings and errors pass, unless routine
       message = record.getMessage()
       return not any(part in message for part in self._ROUTINE_WARNINGS)
@@ -102,10 +134,22 @@ def _missing_field(error: BaseException, argv) -> str:
   return f"{message}; {hint[0].lower()}{hint[1:]}" if hint else message
 
 
+def _exit_if_terminated(when: str):
+  """Exit 143 with one line if SIGTERM arrived while no training loop was there to save."""
+  if _Sigterm.received:
+    print(f"preempted: SIGTERM {when}: nothing to save", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(143)
+
+
 def main(argv):
   if len(argv) > 1:
     print(f"flag error: unexpected arguments {argv[1:]}: pass --flag=value only", file=sys.stderr)
     sys.exit(2)
+  if not _WORKDIR.value.strip():
+    print("flag error: --workdir is empty: name the run's directory", file=sys.stderr, flush=True)
+    sys.exit(2)
+  _exit_if_terminated("during start-up")
   try:
     _CONFIG.value.get  # noqa: B018 - a config file that failed to load raises only when read
   except OSError as error:
@@ -133,6 +177,7 @@ def main(argv):
     jax.devices()[0].platform,
     jax.process_count(),
   )
+  _exit_if_terminated("during start-up")
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:
@@ -152,6 +197,8 @@ def main(argv):
   except CheckpointError as error:  # cannot write one, or none of those there reads
     print(f"checkpoint error: {error}", file=sys.stderr, flush=True)
     sys.exit(4)
+  # The loop ended (or never ran: a finished run only evaluates) with a SIGTERM it did not see.
+  _exit_if_terminated("outside the training loop")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def load_config(workdir: str, config=None):
   """The run's config: `config` if given, else the workdir's config.json."""
   import ml_collections
 
+  if not workdir or not workdir.strip():
+    raise PredictError("--workdir is empty: name the training run's directory")
   if config is not None:
     return config
   path = epath.Path(workdir) / "config.json"
@@ -87,18 +89,18 @@ def load_trained(workdir: str, config=None) -> Trained:
 
 
 def _restore_state(directory, target):
-  """(step, state) of the newest checkpoint whose train state reads back; the data iterator's
-  position is not needed for inference and is not read."""
-  import orbax.checkpoint as ocp
+  """(step, state) of the newest checkpoint whose train state reads back and matches its
+  checksums; a newer, damaged one is named in one line and left where it is (the trainer moves
+  it aside). The data iterator's position is not needed for inference and is not read."""
+  from mm_jax import checkpointing
+  from mm_jax.errors import ConfigError
 
-  with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        return step, manager.restore(step, args=args)["state"]
-      except Exception as error:  # noqa: BLE001 - an unreadable checkpoint falls back
-        print(f"predict: note: step {step} unreadable ({type(error).__name__})", file=sys.stderr)
-  raise PredictError(f"no readable checkpoint in {directory}")
+  with checkpointing.Checkpointer(str(directory), keep=1) as ckpt:
+    try:
+      step, state, _ = ckpt.restore_latest(target, move_aside=False, with_data=False)
+    except (checkpointing.CheckpointReadError, ConfigError) as error:
+      raise PredictError(str(error)) from None
+  return step, state
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ class _TerminationFlag:
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      # A SIGTERM recorded before the loop began (mm_jax/main.py's handler) counts as raised.
+      self.raised = bool(getattr(self._previous, "received", False))
     return self
 
   def _handle(self, signum, frame):

@@ -330,7 +330,10 @@ def _check_paper_sources(config):
 
 
 def check_workdir(workdir: str):
-  """Fails early, with one line, if the workdir (a local path or gs://...) cannot be written."""
+  """Fails early, with one line, if the workdir (a local path or gs://...) is empty (it would
+  mean the current directory) or cannot be written."""
+  if not workdir.strip():
+    raise ConfigError("--workdir is empty: name the run's directory")
   try:
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)

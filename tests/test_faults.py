@@ -1,12 +1,18 @@
-"""Faults a long run meets: NaN gradients, a truncated checkpoint, a failing save, kill -9, SIGTERM.
+"""Faults a long run meets: NaN gradients, damaged checkpoints (truncated, metadata deleted,
+flipped bytes, all of them), a failing save or full disk, kill -9, SIGTERM (also at start-up), and
+wrong flags (an empty --workdir, evaluate's bad arguments).
 
-The kill/SIGTERM test runs the real command line in subprocesses; its unbroken reference run, in
-this process, compiles the programs they then read from the session's persistent compilation cache.
+The damage is done to copies of one run's workdir (nonfinite_run), which its config then resumes,
+in this process and on the command line. The kill/SIGTERM test runs the real command line in
+subprocesses; its unbroken reference run, in this process, compiles the programs they then read
+from the session's persistent compilation cache.
 """
 
 import gc
 import glob
+import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -14,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import short_kernels  # noqa: E402
+import xla_flags
 
 from configs import multimodel as multimodel_config  # noqa: E402
 from mm_jax import checkpointing, evaluate, predict, train  # noqa: E402
@@ -142,7 +150,7 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(nonfinite_run, tm
   ckpt.close()
   assert step == 2 and int(state["step"]) == 2
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-  assert any("step 4" in w and "unreadable" in w for w in warnings), warnings
+  assert any("step 4" in w and "is damaged" in w for w in warnings), warnings
   gc.collect()  # the failed restore's orphaned reads: here, under this test's warning filter
 
 
@@ -276,8 +284,413 @@ def test_no_readable_checkpoint_stops_the_run_instead_of_starting_afresh(nonfini
   message = str(info.value)
   assert "\n" not in message and directory in message and "none of the 3" in message, message
   assert "steps 1-4" in message and "move them away" in message, message
+  assert "can be read intact" in message
   assert _files(directory) == before
   gc.collect()  # the failed restores' orphaned reads: here, under this test's warning filter
+
+
+# --- damaged checkpoints: verified, moved aside, restored from the previous step, rewritten ---
+
+
+def _biggest_array_file(step_dir):
+  arrays = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  return max(arrays, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  biggest = _biggest_array_file(step_dir)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+
+def _delete_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _flip_64_bytes(step_dir):
+  biggest = _biggest_array_file(step_dir)
+  middle = os.path.getsize(biggest) // 2
+  with open(biggest, "r+b") as f:
+    f.seek(middle)
+    flipped = bytes(b ^ 0xFF for b in f.read(64))
+    f.seek(middle)
+    f.write(flipped)
+
+
+DAMAGE = {"truncated": _truncate, "metadata deleted": _delete_metadata, "flipped": _flip_64_bytes}
+
+
+def _restore_step(directory, step):
+  """The step's train state, read as saved (no checksum check): the reference to compare with."""
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  return jax.device_get(restored["state"])
+
+
+def _assert_bitwise_equal(got, want, rtol=None):
+  """Bit for bit; with `rtol`, to that relative tolerance."""
+  leaves = jax.tree.leaves_with_path(want)
+  assert len(leaves) == len(jax.tree.leaves(got))
+  for (path, w), g in zip(leaves, jax.tree.leaves(got)):
+    if rtol is None:
+      assert np.array_equal(np.asarray(w), np.asarray(g)), jax.tree_util.keystr(path)
+    else:
+      np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_flipped_bytes_fail_the_checksum_and_the_previous_step_is_restored(tmp_path, caplog):
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  for step in (1, 2):
+    state = {"params": {"w": jnp.arange(50_000.0) * step, "b": jnp.ones(3)}, "step": step}
+    ckpt.save(step, jax.tree.map(jnp.asarray, state), {"batches": {}})
+  ckpt.close()
+  saved = json.loads(pathlib.Path(directory, "2", "checksums", "metadata").read_text())
+  assert saved["algorithm"] == "crc32" and set(saved["leaves"]) == {"params.b", "params.w", "step"}
+  _flip_64_bytes(os.path.join(directory, "2"))
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  with caplog.at_level("WARNING"):
+    step, state, _ = ckpt.restore_latest(None)
+  assert step == 1 and np.array_equal(state["params"]["w"], np.arange(50_000.0))
+  (line,) = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert re.search(r"step 2 .*ChecksumError: params\.w\[0:50000\] differs from its checksum", line)
+  assert "restored step 1 instead; moved to" in line and "\n" not in line
+  (moved,) = os.listdir(os.path.join(directory, "corrupt"))
+  assert moved.startswith("2-") and ckpt.steps() == [1]
+  # The step is written again when the run reaches it: orbax no longer sees it as existing.
+  assert ckpt.save(2, {"params": {"w": jnp.zeros(3)}}, {"batches": {}})
+  ckpt.close()
+  assert checkpointing.Checkpointer(directory, keep=3).steps() == [1, 2]
+
+
+def test_unreadable_metadata_is_damage_not_another_model(tmp_path):
+  """A deleted _METADATA read as a checkpoint of no leaves: "another model", and no fallback."""
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  state = {"params": {"w": jnp.arange(6.0)}, "step": jnp.int32(1)}
+  for step in (1, 2):
+    ckpt.save(step, state, {"batches": {}})
+  ckpt.close()
+  _delete_metadata(os.path.join(directory, "2"))
+  wanted = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  ckpt.check_matches(wanted)  # no ConfigError
+  step, restored, _ = ckpt.restore_latest(wanted)
+  ckpt.close()
+  assert step == 1 and np.array_equal(restored["params"]["w"], np.arange(6.0))
+  # Readable metadata of other shapes still is another model.
+  wanted["params"]["w"] = jax.ShapeDtypeStruct((5,), jnp.float32)
+  with pytest.raises(ConfigError, match="another model"):
+    checkpointing.Checkpointer(directory, keep=3).check_matches(wanted)
+
+
+@pytest.mark.slow
+@ORPHANED_READS
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_step_is_moved_aside_and_rewritten_bitwise(
+  damage, nonfinite_run, data_dir, tmp_path, caplog
+):
+  """A truncated step was restored past but never rewritten (every later start repeated the
+  fallback, and predict served the older step); a deleted _METADATA refused to start as
+  "another model"; flipped bytes were restored without a word. Each is now one line, the step
+  before it is restored, and the run writes the step again, bit for bit what it was."""
+  workdir = str(tmp_path / "work")
+  shutil.copytree(nonfinite_run[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  DAMAGE[damage](os.path.join(checkpoints, "4"))
+  with caplog.at_level("INFO"), pytest.raises(train.NonFiniteError):
+    train.train_and_evaluate(nonfinite_config(data_dir), workdir, devices=jax.devices()[:1])
+  messages = [r.getMessage() for r in caplog.records]
+  (line,) = [m for m in messages if "is damaged" in m]
+  assert line.startswith(f"checkpoint at step 4 in {checkpoints} is damaged ("), line
+  assert re.search(rf"restored step 2 instead; moved to {checkpoints}/corrupt/4-\d+-\d+, ", line)
+  assert "\n" not in line and "resumed from step 2" in messages
+  assert not [r for r in caplog.records if r.exc_info and "mm_jax" in r.pathname]
+  # Moved aside as it was (never deleted), and step 4 written again by the resumed run.
+  (moved,) = glob.glob(os.path.join(checkpoints, "corrupt", "4-*"))
+  assert os.path.exists(os.path.join(moved, "state", "_METADATA")) == (damage != "metadata deleted")
+  ckpt = checkpointing.Checkpointer(checkpoints, keep=3)
+  assert ckpt.steps() == [1, 2, 4]
+  step, state, _ = ckpt.restore_latest(None)  # verified against its checksums
+  ckpt.close()
+  assert step == 4
+  _assert_bitwise_equal(state, _restore_step(os.path.join(nonfinite_run[0], "checkpoints"), 4))
+  gc.collect()  # the failed restore's orphaned reads: here, under this test's warning filter
+
+
+# --- the same faults on the command line: one line each, no traceback floods ----------------
+
+
+def _one_device_command(workdir, data_dir):
+  """nonfinite_config as `python -m mm_jax.main` flags (run in a process of one CPU device)."""
+  overrides = {
+    "data.data_dir": data_dir,
+    "mesh.data": 1,
+    "model.moe.noisy_gating": False,
+    "train.num_steps": 10,
+    "train.log_every": 1,
+    "train.eval_every": 1000,
+    "train.eval_batches": 0,
+    "train.checkpoint_every": 1,
+    "train.fixed_batch": True,
+    "train.inject_nonfinite_steps": "(" + ",".join(map(str, INJECTED)) + ")",
+    "train.max_consecutive_nonfinite": LIMIT,
+  }
+  return [
+    f"--config=configs/multimodel.py:tiny,tasks={TASK}",
+    f"--workdir={workdir}",
+    *[f"--config.{key}={value}" for key, value in overrides.items()],
+    *short_kernels.flags(),
+  ]
+
+
+# `python -m mm_jax.main`, with the step-N save failing as on a full disk (N from $FULL_AT).
+_FULL_DISK_MAIN = """
+import errno, os, runpy, sys
+import orbax.checkpoint as ocp
+save = ocp.JsonCheckpointHandler._save_fn
+async def full_disk(self, x, directory):
+  if os.path.basename(os.path.dirname(str(directory))).startswith(os.environ["FULL_AT"] + "."):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+  return await save(self, x, directory)
+ocp.JsonCheckpointHandler._save_fn = full_disk
+sys.argv = ["mm_jax.main", *sys.argv[1:]]
+runpy.run_module("mm_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _console(args, env, main=("-m", "mm_jax.main")):
+  """(exit status, stdout and stderr) of the trainer's command line."""
+  out = subprocess.run(
+    [sys.executable, *main, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+  )
+  return out.returncode, out.stdout + out.stderr
+
+
+def _assert_quiet(output):
+  """No traceback, no asyncio noise, no error records of orbax's threads on the console."""
+  for noise in ("Traceback", "Event loop is closed", "Exception ignored"):
+    assert noise not in output, output[-3000:]
+  assert not re.search(r"^E\d{4} .*\.py:\d+\]", output, re.M), output[-3000:]
+
+
+@pytest.mark.slow
+def test_on_the_command_line_damage_and_a_full_disk_are_one_line_each(
+  nonfinite_run, data_dir, tmp_path
+):
+  """A truncated step gave ~500 "Event loop is closed" tracebacks, all steps truncated 58,147
+  lines of them, a full disk 277 traceback lines. Now: one line each, and the run resumes."""
+  env = dict(_env(), XLA_FLAGS=os.environ["XLA_FLAGS"].replace("count=8", "count=1"))
+  original = os.path.join(nonfinite_run[0], "checkpoints")
+
+  # The newest step truncated: one line, step 2 restored, step 4 moved aside and rewritten.
+  workdir = str(tmp_path / "truncated")
+  shutil.copytree(nonfinite_run[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  _truncate(os.path.join(checkpoints, "4"))
+  rc, output = _console(_one_device_command(workdir, data_dir), env)
+  assert rc == 3, output[-3000:]  # the run's own streak of NaN steps, as when it was written
+  _assert_quiet(output)
+  (line,) = [line for line in output.splitlines() if "is damaged" in line]
+  assert "step 4" in line and "restored step 2 instead; moved to" in line, line
+  assert "resumed from step 2" in output
+  assert len(glob.glob(os.path.join(checkpoints, "corrupt", "4-*"))) == 1
+  # A process of one device sums in another order than the reference's (one device of eight):
+  # the same step to float tolerance (test_a_damaged_step_is_moved_aside_and_rewritten_bitwise
+  # compares bit for bit, in this process).
+  _assert_bitwise_equal(_restore_step(checkpoints, 4), _restore_step(original, 4), rtol=1e-4)
+  print(output)
+
+  # A full disk at step 4's save: one line and exit 4; once space is back, the run resumes.
+  workdir = str(tmp_path / "full")
+  shutil.copytree(nonfinite_run[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  shutil.rmtree(os.path.join(checkpoints, "4"))  # step 4 is still to be written
+  rc, output = _console(
+    _one_device_command(workdir, data_dir), dict(env, FULL_AT="4"), ("-c", _FULL_DISK_MAIN)
+  )
+  assert rc == 4, output[-3000:]
+  _assert_quiet(output)
+  (line,) = [line for line in output.splitlines() if "rror:" in line]
+  assert line.startswith("checkpoint error: cannot write the step 4 checkpoint"), line
+  assert "No space left on device" in line, line
+  print(output)
+  assert checkpointing.Checkpointer(checkpoints, keep=3).steps() == [1, 2]
+  rc, output = _console(_one_device_command(workdir, data_dir), env)
+  assert rc == 3 and "resumed from step 2" in output, output[-3000:]
+  _assert_quiet(output)
+  _assert_bitwise_equal(_restore_step(checkpoints, 4), _restore_step(original, 4), rtol=1e-4)
+
+  # Every step truncated: one line, exit 4, nothing moved or deleted.
+  workdir = str(tmp_path / "all")
+  shutil.copytree(nonfinite_run[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  for step in (1, 2, 4):
+    _truncate(os.path.join(checkpoints, str(step)))
+  before = _files(checkpoints)
+  rc, output = _console(_one_device_command(workdir, data_dir), env)
+  assert rc == 4, output[-3000:]
+  _assert_quiet(output)
+  (line,) = [line for line in output.splitlines() if "rror:" in line]
+  assert line.startswith("checkpoint error: none of the 3 checkpoints"), line
+  assert _files(checkpoints) == before
+  print(output)
+
+
+def test_sigterm_during_start_up_is_one_line_and_exit_143(tmp_path):
+  """SIGTERM before the trainer's handler was installed killed it with a stack dump. It is
+  recorded from the moment mm_jax.main is imported; with no loop to save, exit 143."""
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "mm_jax.main", "--config=configs/multimodel.py:tiny"]
+    + [f"--workdir={tmp_path / 'work'}"],
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  term = 1 << (signal.SIGTERM - 1)
+  deadline = time.monotonic() + 60
+  while proc.poll() is None and time.monotonic() < deadline:  # until SIGTERM is held or caught
+    with open(f"/proc/{proc.pid}/status") as f:
+      masks = dict(line.split(":\t") for line in f.read().splitlines() if ":\t" in line)
+    if (int(masks["SigBlk"], 16) | int(masks["SigCgt"], 16)) & term:
+      break
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, output
+  assert output.strip() == "preempted: SIGTERM during start-up: nothing to save", output
+  assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("module", ["main", "evaluate", "predict", "gallery"])
+def test_an_empty_workdir_is_refused_in_one_line(module, tmp_path):
+  """--workdir= trained into the current directory (checkpoints in the repository root)."""
+  args = [f"--config={REPO}/configs/multimodel.py:tiny"] if module == "main" else []
+  args += ["--task=image_classification", "x"] if module == "predict" else []
+  out = subprocess.run(
+    [sys.executable, "-m", f"mm_jax.{module}", "--workdir=", *args],
+    cwd=tmp_path,
+    env=dict(_env(), PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 2, out.stderr
+  (line,) = [line for line in out.stderr.splitlines() if "--workdir" in line]
+  assert "--workdir is empty" in line and "Traceback" not in out.stderr, out.stderr
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_bad_arguments_and_never_overwrites_results_with_fewer(
+  nonfinite_run, tmp_path
+):
+  """--eval_batches=-1 exited 0 and replaced eval_stepN.json with {"results": {}}."""
+  workdir = str(tmp_path / "work")
+  shutil.copytree(nonfinite_run[0], workdir)
+  kept = pathlib.Path(workdir, "eval_step4.json")
+  kept.write_text('{"step": 4, "results": {"image_classification": {"accuracy": 50.0}}}')
+  env = dict(_env(), XLA_FLAGS=os.environ["XLA_FLAGS"].replace("count=8", "count=1"))
+  for bad in ("--eval_batches=-1", "--eval_batches=0", "--beam_size=0", "--tasks=no_such_task"):
+    rc, output = _console([f"--workdir={workdir}", bad], env, ("-m", "mm_jax.evaluate"))
+    assert rc == 2, output[-3000:]
+    (line,) = [line for line in output.splitlines() if line.startswith("evaluate: error:")]
+    assert bad.split("=")[1] in line, line
+  assert json.loads(kept.read_text())["results"]  # untouched
+  # Results that would lose a task, a metric or the settings go to a new file.
+  fewer = {"step": 4, "eval_batches": 1, "beam_size": 1, "results": {}}
+  assert evaluate.results_path(workdir, 4, fewer).name == "eval_step4-2.json"
+  pathlib.Path(workdir, "eval_step4-2.json").write_text("{}")
+  assert evaluate.results_path(workdir, 4, fewer).name == "eval_step4-3.json"
+  same = dict(fewer, eval_batches=None, beam_size=None)
+  same["results"] = {"image_classification": {"accuracy": 60.0, "top5": 90.0}}
+  assert evaluate.results_path(workdir, 4, same).name == "eval_step4.json"
+  assert evaluate.results_path(workdir, 5, fewer).name == "eval_step5.json"
+
+
+# One of two processes (4 CPU devices each): saves its shards' checksums, restores step 2 and
+# checks it holds step 2's values; then (after process 0 breaks the checksum of a shard process 1
+# owns) restores again, and prints what it got.
+_TWO_PROCESS_CHECKSUMS = """
+import json, os, sys
+import jax, numpy as np
+index, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index)
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mm_jax import checkpointing
+mesh = Mesh(np.array(jax.devices()), ("d",))
+def state(scale):
+  w = scale * np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+  split, whole = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+  return {"params": {
+    "w": jax.make_array_from_callback(w.shape, split, lambda i: w[i]),
+    "b": jax.make_array_from_callback((16,), whole, lambda i: np.full(16, scale, np.float32)[i]),
+  }}
+def restore():
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(1)
+  )
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  step, got, data = ckpt.restore_latest(target)
+  ckpt.close()
+  shards = [s.data for leaf in jax.tree.leaves(got) for s in leaf.addressable_shards]
+  want = [s.data for leaf in jax.tree.leaves(state(step)) for s in leaf.addressable_shards]
+  return step, data, all(np.array_equal(a, b) for a, b in zip(shards, want))
+ckpt = checkpointing.Checkpointer(directory, keep=3)
+for step in (1, 2):
+  ckpt.save(step, state(step), {"process": index})
+ckpt.close()
+print("first", *restore(), flush=True)
+multihost_utils.sync_global_devices("restored")
+if index == 0:
+  path = os.path.join(directory, "2", "checksums", "metadata")
+  saved = json.loads(open(path).read())
+  saved["leaves"]["params.w"]["40:48,0:16"] = "00000000"  # a shard on process 1's devices
+  open(path, "w").write(json.dumps(saved))
+multihost_utils.sync_global_devices("broken")
+print("then", *restore(), sorted(os.listdir(directory)), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_check_their_own_shards_and_fall_back_together(tmp_path):
+  """Each process checks the shards it holds; a mismatch on one makes both restore the step
+  before (a process restoring another step than its peers would hang the run)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  directory = str(tmp_path / "checkpoints")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.xla_flags(4))
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_CHECKSUMS, str(i), str(port), directory],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  saved = json.loads(
+    pathlib.Path(glob.glob(f"{directory}/corrupt/2-*")[0], "checksums", "metadata").read_text()
+  )
+  assert len(saved["leaves"]["params.w"]) == 8  # one checksum per shard, from both processes
+  for index, output in enumerate(outputs):
+    lines = output.splitlines()
+    assert f"first 2 {{'process': {index}}} True" in lines, output[-3000:]
+    assert f"then 1 {{'process': {index}}} True ['1', 'corrupt']" in lines, output[-3000:]
+    (line,) = [line for line in lines if "is damaged" in line]
+    reason = "params.w[40:48,0:16]" if index == 1 else "another process's shards"
+    assert reason in line and "restored step 1 instead" in line, line
+    _assert_quiet(output)
 
 
 def test_a_failing_save_is_one_line_naming_the_directory(tmp_path):

@@ -306,24 +306,29 @@ def test_tpu_dry_run_plans_create_setup_run_and_recovery(tmp_path):
     "--spot",
     *loc,
   ]
-  tarball = f"{tmp_path}/mm_jax-mm-pod.tar.gz"
-  scp = _tpu_vm("scp", tarball, "mm-pod:mm_jax.tar.gz")
+  tarball = f"{tmp_path}/mm_jax-mm-pod.XXXXXX"  # mktemp's template: a private file when run
+  scp = _tpu_vm("scp", tarball, "mm-pod:mm_jax-launch/code.tar.gz")
   scp += ["--worker=all", *loc]
   delete = _tpu_vm("delete", "mm-pod", "--quiet") + loc
   words = [shlex.split(line) for line in lines]
   assert words[0] == ["mkdir", "-p", f"{tmp_path}/logs"]
+  ssh = _tpu_vm("ssh", "mm-pod", "--worker=all")
 
   def setup_and_train(at, attempt):
-    assert words[at][:3] == ["tar", "-C", str(ROOT)] and words[at][-2:] == [tarball, "."]
-    assert words[at + 1] == scp
-    ssh = _tpu_vm("ssh", "mm-pod", "--worker=all")
-    assert words[at + 2][:7] == ssh and words[at + 2][-2:] == loc
-    assert "pip install -q -e" in lines[at + 2]
-    train = words[at + 3]
+    # Only what git tracks is packed, straight into the private temporary file.
+    assert lines[at] == (
+      f"git -C {ROOT} ls-files -z -- . | "
+      f"tar -C {ROOT} --null --ignore-failed-read -T - -czf {tarball}"
+    )
+    assert words[at + 1][:7] == ssh and "--command=mkdir -p ~/mm_jax-launch" in words[at + 1]
+    assert words[at + 2] == scp
+    assert words[at + 3][:7] == ssh and words[at + 3][-2:] == loc
+    assert "pip install -q -e" in lines[at + 3]
+    train = words[at + 4]
     assert train[:7] == ssh
     assert train[-7:] == [*loc, "2>&1", "|", "tee", "-a", f"{tmp_path}/logs/attempt-{attempt}.log"]
     command = next(w for w in train if w.startswith("--command="))
-    assert shlex.split(command.removeprefix("--command=cd ~/mm_jax && ")) == [
+    assert shlex.split(command.removeprefix("--command=cd ~/mm_jax-launch/code && ")) == [
       "python3",
       "-m",
       "mm_jax.main",
@@ -336,9 +341,13 @@ def test_tpu_dry_run_plans_create_setup_run_and_recovery(tmp_path):
   assert words[1] == describe and words[2] == create
   setup_and_train(3, attempt=1)
   # attempt 1 is assumed preempted: the VM is queried, deleted, recreated, set up, rerun
-  assert words[7] == describe and words[8] == delete and words[9] == create
-  setup_and_train(10, attempt=2)
-  assert words[14] == describe and len(words) == 15
+  assert words[8] == describe and words[9] == delete and words[10] == create
+  setup_and_train(11, attempt=2)
+  assert words[16] == describe and len(words) == 17
+  # Nothing is removed on the workers outside the launcher's own folder.
+  for line in lines:
+    for removed in re.findall(r"rm -\w+ (\S+)", line):
+      assert removed.startswith("~/mm_jax-launch/"), line
   assert "--distributed" not in lines[2]
 
 
@@ -353,6 +362,8 @@ _FAKE_GCLOUD = """\
         exit 1
       fi
       echo "$state" ;;
+    scp)  # what would reach the workers, and the local file's permissions
+      cp "$5" "$SHIPPED"; stat -c %a "$5" > "$SHIPPED.mode" ;;
     ssh)
       case "$*" in
         *mm_jax.main*) echo "training on all workers"; exit "$(pop "$CODES")" ;;
@@ -362,7 +373,7 @@ _FAKE_GCLOUD = """\
 """
 
 
-def _fake_pod(tmp_path, states, codes, *args):
+def _fake_pod(tmp_path, states, codes, *args, script=LAUNCH / "tpu_pod.sh", pip_spec=True):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   _stub(bin_dir, "gcloud", _FAKE_GCLOUD)
@@ -374,11 +385,12 @@ def _fake_pod(tmp_path, states, codes, *args):
     "CALLS": str(tmp_path / "calls"),
     "STATES": str(tmp_path / "states"),
     "CODES": str(tmp_path / "codes"),
+    "SHIPPED": str(tmp_path / "shipped.tar.gz"),
   }
   out = _launch(
-    "tpu_pod.sh",
+    script,
     *_POD,
-    "--pip-spec=mm_jax[tpu]",
+    *(["--pip-spec=mm_jax[tpu]"] if pip_spec else []),
     "--poll-seconds=0",
     f"--log-dir={tmp_path}/logs",
     *args,
@@ -394,12 +406,43 @@ def test_tpu_loop_recreates_a_preempted_vm_and_reruns(tmp_path):
   # again (a clean SIGTERM exit is not success); run 3 finishes on a READY VM.
   out, kinds = _fake_pod(tmp_path, ["ABSENT", "PREEMPTED", "PREEMPTED", "READY"], [255, 0, 0])
   assert out.returncode == 0, out.stderr
-  setup = ["scp", "ssh"]
+  setup = ["ssh", "scp", "ssh"]
   recreate = ["delete", "create", *setup, "train", "describe"]
   assert kinds == ["describe", "create", *setup, "train", "describe", *recreate, *recreate]
   log = (tmp_path / "logs" / "attempt-3.log").read_text()
   assert log == "training on all workers\n"
-  assert tarfile_members(tmp_path / "mm_jax-mm-pod.tar.gz") >= {"configs/multimodel.py"}
+  tracked = subprocess.run(
+    ["git", "ls-files", "configs"], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert tarfile_members(tmp_path / "shipped.tar.gz") == set(tracked) >= {"configs/multimodel.py"}
+  # A private temporary file (mktemp: mode 600), removed when the launcher exits.
+  assert (tmp_path / "shipped.tar.gz.mode").read_text().strip() == "600"
+  assert not list(tmp_path.glob("mm_jax-mm-pod.*"))
+
+
+def test_tpu_ships_only_what_git_tracks(tmp_path):
+  """Untracked files (keys, data, results) beside the code never leave this machine."""
+  repo = tmp_path / "repo"
+  shutil.copytree(LAUNCH, repo / "launch")
+  (repo / "mm_jax").mkdir()
+  (repo / "mm_jax" / "code.py").write_text("print('code')\n")
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+  subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+  subprocess.run([*git, "add", "."], cwd=repo, check=True)
+  subprocess.run([*git, "commit", "-qm", "code"], cwd=repo, check=True)
+  (repo / "secret.key").write_text("key")
+  (repo / "mm_jax" / "data.bin").write_text("data")
+  (repo / "mm_jax" / "code.py").write_text("print('edited')\n")  # tracked: its edit ships
+  out, kinds = _fake_pod(
+    tmp_path, ["READY", "READY"], [0], script=repo / "launch" / "tpu_pod.sh", pip_spec=False
+  )
+  assert out.returncode == 0, out.stderr
+  assert kinds == ["describe", "ssh", "scp", "ssh", "train", "describe"]
+  members = tarfile_members(tmp_path / "shipped.tar.gz")
+  assert "mm_jax/code.py" in members and "launch/tpu_pod.sh" in members
+  assert not {"secret.key", "mm_jax/data.bin"} & members, members
+  with tarfile.open(tmp_path / "shipped.tar.gz") as archive:
+    assert archive.extractfile("mm_jax/code.py").read() == b"print('edited')\n"
 
 
 def tarfile_members(path):
@@ -411,7 +454,7 @@ def test_tpu_loop_waits_restarts_and_stops_on_real_failures(tmp_path):
   # a reused READY VM is set up once; a crash on a healthy VM is not retried
   out, kinds = _fake_pod(tmp_path, ["READY", "READY"], [2])
   assert out.returncode == 1
-  assert kinds == ["describe", "scp", "ssh", "train", "describe"]
+  assert kinds == ["describe", "ssh", "scp", "ssh", "train", "describe"]
   assert "exit status 2 on a healthy VM" in out.stderr.splitlines()[-1]
 
   # a VM still being created is waited for; a STOPPED one is started; --skip-setup copies nothing
