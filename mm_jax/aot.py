@@ -31,8 +31,11 @@ import numpy as np  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
+from mm_jax import (
+  cli,  # noqa: E402
+  sharding,  # noqa: E402
+)
 from mm_jax import run as run_lib  # noqa: E402
-from mm_jax import sharding  # noqa: E402
 from mm_jax.errors import ConfigError  # noqa: E402
 from mm_jax.models import flops  # noqa: E402
 
@@ -379,7 +382,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  config = flags.FLAGS.config
+  config = cli.config_or_exit(flags.FLAGS["config"], "aot")
   name, num_slices = flags.FLAGS.topology, flags.FLAGS.num_slices
   try:
     result = compile_train_step(config, slice_devices(name, num_slices), num_slices)
@@ -406,4 +409,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("topology", "v5p-64", f"TPU slice type: one of {', '.join(SLICES)}.")
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (DCN).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

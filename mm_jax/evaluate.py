@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm_jax import decode, losses, metrics, sharding
+from mm_jax import cli, decode, losses, metrics, sharding
 from mm_jax.data import pipeline
 
 
@@ -184,7 +184,7 @@ def main(argv):
   values = flags.FLAGS
   try:
     check_arguments(values.eval_batches, values.beam_size)
-    trained = predict.load_trained(values.workdir, values.config)
+    trained = predict.load_trained(values.workdir, cli.config_or_exit(values["config"], "evaluate"))
     tasks = trained.run.tasks
     chosen = values.tasks.split(",") if values.tasks else list(tasks)
     unknown = [t for t in chosen if t not in tasks]
@@ -237,4 +237,4 @@ if __name__ == "__main__":
   from absl import app
 
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -12,7 +12,6 @@ import dataclasses
 import html
 import io
 import os
-import sys
 
 import numpy as np
 
@@ -246,12 +245,18 @@ def main(argv):
   from absl import flags
 
   del argv
+  from mm_jax import cli, validation
+  from mm_jax.errors import ConfigError
+
   values = flags.FLAGS
-  try:
-    paths = build(values.workdir, values.config, values.examples, values.output_dir)
-  except predict.PredictError as error:
-    print(f"gallery: error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  config = cli.config_or_exit(values["config"], "gallery")
+  if values.examples < 1:
+    cli.fail("gallery", f"--examples={values.examples}: use 1 or more examples per task")
+  try:  # before any decoding: the output must be writable
+    validation.check_workdir(values.output_dir or values.workdir, "--output_dir")
+    paths = build(values.workdir, config, values.examples, values.output_dir)
+  except (predict.PredictError, ConfigError) as error:
+    cli.fail("gallery", str(error))
   print("\n".join(paths))
 
 
@@ -263,4 +268,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("examples", 3, "held-out examples per task")
   flags.DEFINE_string("output_dir", None, "where to write gallery.html/png (default: workdir)")
   config_flags.DEFINE_config_file("config", None, "config (default: the workdir's config.json)")
-  app.run(main)
+  from mm_jax import cli
+
+  app.run(main, flags_parser=cli.parse_flags)

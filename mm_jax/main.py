@@ -18,7 +18,7 @@ import sys
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-from mm_jax import backend, memory  # noqa: E402
+from mm_jax import backend, cli, memory  # noqa: E402
 
 
 class _Sigterm:
@@ -100,40 +100,6 @@ def _quiet_library_logs():
     handler.addFilter(library_filter)
 
 
-def _one_line(error: BaseException) -> str:
-  """The cause, not the traceback: config files' own errors arrive wrapped in traceback text."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if any(line.startswith("Traceback") for line in lines):
-    lines = lines[-1:]
-  return " ".join(" ".join(lines).split())
-
-
-def _parse_flags(argv):
-  """absl's parsing, but a bad flag, override or config file is one stderr line and exit 2, not
-  usage text or a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    print(f"flag error: {_one_line(error)}", file=sys.stderr, flush=True)
-  except (AttributeError, KeyError) as error:  # an override naming a field the config lacks
-    print(f"flag error: {_missing_field(error, argv)}", file=sys.stderr, flush=True)
-  except Exception as error:  # noqa: BLE001 - a config file that is missing or does not load
-    print(f"flag error: --config: {_one_line(error)}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def _missing_field(error: BaseException, argv) -> str:
-  """ "--config.train.num_stepz: the config has no field 'num_stepz'; did you mean ..."."""
-  text = str(error.args[0] if error.args else error)
-  # ml_collections' message arrives with its quotes and newline escaped, as written in its repr.
-  lines = text.replace("\\n", "\n").replace("\\'", "'").splitlines() or [""]
-  key = lines[0].strip("\"' ")
-  hint = " ".join(line.strip() for line in lines[1:] if line.strip()).rstrip("'")
-  named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a]
-  message = f"{', '.join(named) or key}: the config has no field {key!r}"
-  return f"{message}; {hint[0].lower()}{hint[1:]}" if hint else message
-
-
 def _exit_if_terminated(when: str):
   """Exit 143 with one line if SIGTERM arrived while no training loop was there to save."""
   if _Sigterm.received:
@@ -153,7 +119,7 @@ def main(argv):
   try:
     _CONFIG.value.get  # noqa: B018 - a config file that failed to load raises only when read
   except OSError as error:
-    print(f"flag error: --config: {_one_line(error)}", file=sys.stderr, flush=True)
+    print(f"flag error: --config: {cli.one_line(error)}", file=sys.stderr, flush=True)
     sys.exit(2)
   _quiet_library_logs()
   import jax
@@ -203,4 +169,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

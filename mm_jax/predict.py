@@ -21,6 +21,9 @@ import sys
 import numpy as np
 from etils import epath
 
+from mm_jax import cli
+from mm_jax.errors import ConfigError
+
 MAX_FILE_BYTES = 50 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000
 WAV_RATES = (4_000, 192_000)  # sample rates accepted, Hz
@@ -81,7 +84,10 @@ def load_trained(workdir: str, config=None) -> Trained:
   if not directory.is_dir() or not any(d.name.isdigit() for d in directory.iterdir()):
     raise PredictError(f"no checkpoint in {directory}: train first (python -m mm_jax.main)")
   # One row per data-parallel shard: the parameters' shapes do not depend on the batch.
-  run = run_lib.build(config, rows_per_shard=1, check_data=False)
+  try:
+    run = run_lib.build(config, rows_per_shard=1, check_data=False)
+  except ConfigError as error:
+    raise PredictError(f"config error: {error}") from None
   step, state = _restore_state(directory, run.sharded_state_specs())
   needs_text = bool(layout.text_task_names(config))
   tok = pipeline.load_or_train_tokenizer(config) if needs_text else None
@@ -399,7 +405,7 @@ def main(argv):
   flags = FLAGS
   try:
     inputs = inputs_from(argv[1:], flags.batch_file)
-    trained = load_trained(flags.workdir, flags.config)
+    trained = load_trained(flags.workdir, cli.config_or_exit(FLAGS["config"], "predict"))
     if flags.task not in trained.tasks:
       raise PredictError(f"unknown task {flags.task!r}: this run has {', '.join(trained.tasks)}")
     task = trained.tasks[flags.task]
@@ -418,4 +424,4 @@ if __name__ == "__main__":
   from absl import app
 
   FLAGS = _flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -329,11 +329,11 @@ def _check_paper_sources(config):
     )
 
 
-def check_workdir(workdir: str):
+def check_workdir(workdir: str, flag: str = "--workdir"):
   """Fails early, with one line, if the workdir (a local path or gs://...) is empty (it would
-  mean the current directory) or cannot be written."""
+  mean the current directory) or cannot be written. `flag` names the directory's flag."""
   if not workdir.strip():
-    raise ConfigError("--workdir is empty: name the run's directory")
+    raise ConfigError(f"{flag} is empty: name the run's directory")
   try:
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -343,5 +343,5 @@ def check_workdir(workdir: str):
   except OSError as error:
     reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
     raise ConfigError(
-      f"--workdir={workdir}: not writable ({reason}): choose a writable directory"
+      f"{flag}={workdir}: not writable ({reason}): choose a writable directory"
     ) from None

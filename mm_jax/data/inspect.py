@@ -9,7 +9,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mm_jax import cli, validation
 from mm_jax.data import layout, pipeline
+from mm_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multimodel.py", "Config file.")
 _EXAMPLES = flags.DEFINE_integer("examples", 3, "Decoded examples to show per task.")
@@ -66,8 +68,15 @@ def inspect(config, num_examples: int) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  inspect(_CONFIG.value, _EXAMPLES.value)
+  config = cli.config_or_exit(_CONFIG, "inspect")
+  if _EXAMPLES.value < 0:
+    cli.fail("inspect", f"--examples={_EXAMPLES.value}: use 0 or more")
+  try:  # the trainer's checks: inspect reads what training would read, on one device
+    validation.validate(config, num_devices=1)
+  except ConfigError as error:
+    cli.fail("inspect", f"config error: {error}")
+  inspect(config, _EXAMPLES.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
