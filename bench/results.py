@@ -9,7 +9,10 @@ import platform
 import subprocess
 import sys
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# MM_JAX_BENCH_RESULTS_DIR moves them (bench/compare.py's child runs write theirs elsewhere).
+RESULTS_DIR = os.environ.get(
+  "MM_JAX_BENCH_RESULTS_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+)
 
 
 def cpu_model() -> str:
@@ -23,17 +26,20 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def commit() -> str:
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def commit(repo: str = _REPO) -> str:
   result = subprocess.run(
     ["git", "rev-parse", "--short", "HEAD"],
-    cwd=os.path.dirname(RESULTS_DIR),
+    cwd=repo,
     capture_output=True,
     text=True,
     check=False,
   )
   dirty = subprocess.run(
     ["git", "status", "--porcelain", "--untracked-files=no"],
-    cwd=os.path.dirname(RESULTS_DIR),
+    cwd=repo,
     capture_output=True,
     text=True,
     check=False,
