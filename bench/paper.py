@@ -1,4 +1,4 @@
-"""The paper's three findings at embedded scale (issue #8), as tables in the paper's form.
+"""The paper's three findings at embedded scale, as tables in the paper's form.
 
   python bench/paper.py [--steps=300] [--out=paper_runs] [--runs=NAME,...] [--eval_batches=4]
       [--config=configs/multimodel.py[:size][,modifiers]] [-- --config.x=y ...]
