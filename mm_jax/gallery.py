@@ -252,8 +252,9 @@ def main(argv):
   config = cli.config_or_exit(values["config"], "gallery")
   if values.examples < 1:
     cli.fail("gallery", f"--examples={values.examples}: use 1 or more examples per task")
-  try:  # before any decoding: the output must be writable
-    validation.check_workdir(values.output_dir or values.workdir, "--output_dir")
+  try:
+    if values.output_dir is not None:  # before any decoding: it must be writable
+      validation.check_workdir(values.output_dir, "--output_dir")
     paths = build(values.workdir, config, values.examples, values.output_dir)
   except (predict.PredictError, ConfigError) as error:
     cli.fail("gallery", str(error))
