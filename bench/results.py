@@ -29,23 +29,16 @@ def cpu_model() -> str:
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _git(repo: str, *args: str) -> str:
+  run = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+  return run.stdout.strip()
+
+
 def commit(repo: str = _REPO) -> str:
-  result = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"],
-    cwd=repo,
-    capture_output=True,
-    text=True,
-    check=False,
-  )
-  dirty = subprocess.run(
-    ["git", "status", "--porcelain", "--untracked-files=no"],
-    cwd=repo,
-    capture_output=True,
-    text=True,
-    check=False,
-  )
-  name = result.stdout.strip() or "unknown"
-  return name + ("+changes" if dirty.stdout.strip() else "")
+  """The checkout's short commit, "+changes" when tracked files differ from it."""
+  name = _git(repo, "rev-parse", "--short", "HEAD") or "unknown"
+  dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+  return name + ("+changes" if dirty else "")
 
 
 def header() -> str:
