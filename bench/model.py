@@ -37,10 +37,10 @@ def seconds(fn, *args, repeats: int) -> float:
   return best
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-  """float32 FLOP/s of a warm jitted n x n matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(n: int, repeats: int, dtype=jnp.float32) -> float:
+  """FLOP/s of a warm jitted n x n matmul in `dtype` (float32 at XLA's default precision)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   return 2 * n**3 / seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
