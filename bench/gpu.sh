@@ -9,7 +9,7 @@
 #                                                  # the saved batches and the wheels to install
 #   bash bench/gpu.sh run [DIR] [OUTDIR]           # GPU: DIR shipped with the tree; tables to OUTDIR
 #
-# `save flags` replace the default batches (:paper model on the embedded data, one device's layout):
+# `save flags` replace the default batches (:paper shapes with 16 experts, embedded data, one GPU):
 # any `python -m mm_jax.data.arrays save` flags but --out. MM_JAX_GPU_SMOKE=1 runs every piece at
 # tiny sizes (the :tiny config; seconds of work each), e.g. on a CPU to check the script itself.
 # Each piece has its own time limit (together about 13 minutes) and writes its table to OUTDIR; a
@@ -33,8 +33,10 @@ if [ "$mode" = prepare ]; then
   if [ -n "$smoke" ]; then
     save=(--config=configs/multimodel.py:tiny --steps=2)
   else
+    # :paper's shapes on one 80 GB card: the Adam state of its 2 x 120 experts would not fit.
     save=(--config=configs/multimodel.py:paper --config.data.mixture=embedded
-      --config.mesh.expert=1 --config.data.global_batch_size=32 --steps=3)
+      --config.mesh.expert=1 --config.model.moe.num_experts=16 --config.data.global_batch_size=32
+      --steps=3)
   fi
   [ $# -gt 0 ] && save=("$@")
   python3 -m mm_jax.data.arrays save "${save[@]}" --out="$dir/batches" || exit
