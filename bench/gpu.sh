@@ -64,7 +64,7 @@ python3 -c 'import tokamax; print("tokamax", tokamax.__version__)' || echo "no t
 if [ -n "$smoke" ]; then
   body=(--configs tiny --batch 2 --length 16 --repeats 1 --peak_n 256)
   step=(--steps 1 --peak_n 256 --peak_repeats 1)
-  moe=(--quick --repeats 1)
+  moe=(--size smoke --repeats 1)
 else
   body=(--configs paper --batch 16 --length 256 --repeats 3 --peak_n 8192)
   step=(--steps 10 --peak_n 8192 --peak_repeats 5)

@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 SIZES = {
   "full": dict(tokens=8192, d=512, hidden=1024),
   "quick": dict(tokens=2048, d=128, hidden=256),
+  "smoke": dict(tokens=512, d=32, hidden=64),  # bench/gpu.sh's check of itself on a CPU
 }
 DISPATCHES = ("capacity", "dropless")
 # Bytes table: where the experts live, as the `expert` logical-axis rule (config.mesh_rules).
