@@ -1,9 +1,10 @@
 """Speed of the MultiModel on this machine: MFU of a training step, and depthwise-conv alternatives.
 
-  python bench/model.py [--batch 128 --length 64 --repeats 3]
+  python bench/model.py [--batch 128 --length 64 --repeats 3] [--dtypes bfloat16,float32]
 
 MFU = analytic model FLOPs (the multiply-adds any correct implementation must do) / step time /
-float32 matmul peak, the peak measured in the same run. XLA's cost_analysis FLOPs are printed beside
+the matmul peak of the row's activation dtype (float32 at XLA's default precision: TF32 on NVIDIA
+GPUs), the peak measured in the same run. XLA's cost_analysis FLOPs are printed beside
 it: on CPU they over-count depthwise convolutions, so they never serve as the numerator.
 """
 
@@ -37,10 +38,10 @@ def seconds(fn, *args, repeats: int) -> float:
   return best
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-  """float32 FLOP/s of a warm jitted n x n matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(n: int, repeats: int, dtype=jnp.float32) -> float:
+  """FLOP/s of a warm jitted n x n matmul in `dtype` (float32 at XLA's default precision)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   return 2 * n**3 / seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
 
 
@@ -59,9 +60,13 @@ def train_step(model, signature):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def body_row(config_arg: str, batch: int, length: int, repeats: int):
+def body_row(config_arg: str, batch: int, length: int, repeats: int, dtype: str | None = None):
+  """`dtype` replaces config.model.dtype (None: the config's, "auto" decided for this backend)."""
   m = get_config(config_arg).model
-  model = MultiModel(run.model_config(m, jax.default_backend()))
+  if dtype is not None:
+    m.dtype = dtype
+  resolved = run.model_config(m, jax.default_backend())
+  model = MultiModel(resolved)
   rng = np.random.default_rng(0)
   ids = lambda: rng.integers(3, m.vocab_size, (batch, length)).astype(np.int32)
   data = {"inputs": ids(), "targets": ids(), "target_space": np.zeros(batch, np.int32)}
@@ -78,6 +83,7 @@ def body_row(config_arg: str, batch: int, length: int, repeats: int):
   flops = train_flops(sum(macs.values()))
   return {
     "config": config_arg,
+    "dtype": resolved.dtype,
     "step_s": t,
     "model_gflop": flops / 1e9,
     "xla_gflop": cost["flops"] / 1e9,
@@ -114,35 +120,46 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak_n", type=int, default=4096)
   parser.add_argument("--configs", default="default,no_moe;default")
+  parser.add_argument(
+    "--dtypes",
+    default="",
+    help="config.model.dtype per row, e.g. bfloat16,float32 (default: config's)",
+  )
+  parser.add_argument("--skip_depthwise", action="store_true", help="no depthwise-conv table")
   args = parser.parse_args()
 
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}")
-  peak = matmul_peak(args.peak_n, args.repeats)
-  print(f"float32 {args.peak_n}^2 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  dtypes = [d for d in args.dtypes.split(",") if d] or [None]
+  rows = []
+  for config_arg in args.configs.split(";"):
+    rows += [body_row(config_arg, args.batch, args.length, args.repeats, d) for d in dtypes]
+  # Each row against the matmul peak of its own dtype, measured after the steps and again (the
+  # higher is used: other work may share these cores, and MFU must not be inflated).
+  peaks = {}
+  for dtype in sorted({r["dtype"] for r in rows}):
+    peaks[dtype] = max(matmul_peak(args.peak_n, args.repeats, jnp.dtype(dtype)) for _ in range(2))
+    print(f"{dtype} {args.peak_n}^2 matmul peak: {peaks[dtype] / 1e9:.1f} GFLOP/s")
+  print()
 
   print(
     f"Training step (fwd+bwd), text->text, batch {args.batch}, length {args.length}/{args.length}"
   )
-  header = (
-    f"{'config':<16}{'step ms':>9}{'model GFLOP':>13}{'XLA GFLOP':>11}{'MFU':>7}{'XLA/peak':>10}"
-  )
-  print(header)
-  rows = [body_row(c, args.batch, args.length, args.repeats) for c in args.configs.split(";")]
-  # Other work shares these cores: re-measure the peak and keep the best, so MFU is not inflated.
-  best_peak = max(peak, matmul_peak(args.peak_n, args.repeats))
+  header = f"{'config':<16}{'dtype':<10}{'step ms':>9}{'model GFLOP':>13}{'XLA GFLOP':>11}"
+  print(header + f"{'MFU':>7}{'XLA/peak':>10}")
   for r in rows:
-    r["mfu"], r["xla_mfu"] = (f / r["step_s"] / best_peak for f in (r["flops"], r["xla_flops"]))
-  print(f"(peak re-measured after the steps: {best_peak / 1e9:.1f} GFLOP/s, used below)")
-  for r in rows:
+    peak = peaks[r["dtype"]]
+    r["mfu"], r["xla_mfu"] = (f / r["step_s"] / peak for f in (r["flops"], r["xla_flops"]))
     print(
-      f"{r['config']:<16}{1e3 * r['step_s']:>9.1f}{r['model_gflop']:>13.2f}{r['xla_gflop']:>11.2f}"
-      f"{100 * r['mfu']:>6.1f}%{100 * r['xla_mfu']:>9.1f}%"
+      f"{r['config']:<16}{r['dtype']:<10}{1e3 * r['step_s']:>9.1f}{r['model_gflop']:>13.2f}"
+      f"{r['xla_gflop']:>11.2f}{100 * r['mfu']:>6.1f}%{100 * r['xla_mfu']:>9.1f}%"
     )
   total = sum(rows[0]["macs"].values())
   print(f"\nAnalytic multiply-adds of {rows[0]['config']}, share per component:")
   for name, macs in rows[0]["macs"].items():
     print(f"  {name:<20}{100 * macs / total:>6.1f}%")
 
+  if args.skip_depthwise:
+    return
   shape = (32, 256, 512)
   print(f"\nCausal depthwise conv fwd+bwd on {shape} (ms; ratio to 'shifted')")
   names = list(blocks.DEPTHWISE)

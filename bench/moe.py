@@ -3,14 +3,18 @@
   python bench/moe.py            # both tables (the HLO part runs in a subprocess on 8 CPU devices)
   python bench/moe.py --quick    # smaller sizes, for a smoke run
   python bench/moe.py --cores=2  # the speed table on two cores (default: one)
+  python bench/moe.py --dtype=bfloat16 --ragged=xla,tokamax  # bf16; dropless rows per ragged_dot
 
 Speed: forward+backward (value_and_grad of a loss that uses the output) of one MoE layer, k=2,
 capacity factor 1.0 (expert slots = k x tokens, so the expert FLOPs equal the dense FFN's with
 hidden = k x expert hidden), ÷ that dense FFN, measured in the same run. "capacity/one-hot" is
 the same layer with GShard-style one-hot einsum dispatch and combine, kept as the alternative
-that the gather dispatch replaced. One core by default: the dense layer's two large matmuls
-spread over several cores better than the MoE's many small ops, so with more cores the ratio
-also measures that (give both where it matters).
+that the gather dispatch replaced. "dropless/xla" runs the dropless layer's grouped matmuls through
+`jax.lax.ragged_dot` (what models/moe.py uses); "dropless/tokamax" through `tokamax.ragged_dot`
+(Pallas grouped-matmul kernels for GPU and TPU; on CPU it falls back to XLA), swapped in for the
+run. --dtype sets the activation dtype of both layers (parameters stay float32). One core by
+default: the dense layer's two large matmuls spread over several cores better than the MoE's many
+small ops, so with more cores the ratio also measures that (give both where it matters).
 
 Bytes: on a (data=2, expert=4) mesh, the bytes of every collective in the compiled HLO of one
 MoE layer (per device, result shapes) ÷ the bytes that must move: the dispatched buffer out and
@@ -36,11 +40,40 @@ sys.path.insert(0, ROOT)
 SIZES = {
   "full": dict(tokens=8192, d=512, hidden=1024),
   "quick": dict(tokens=2048, d=128, hidden=256),
+  "smoke": dict(tokens=512, d=32, hidden=64),  # bench/gpu.sh's check of itself on a CPU
 }
 DISPATCHES = ("capacity", "dropless")
 # Bytes table: where the experts live, as the `expert` logical-axis rule (config.mesh_rules).
 EXPERT_RULES = {"expert": "expert", "data,expert": "data,expert"}
 DROPLESS_MAX_EXPERTS = 32  # XLA:CPU lowers ragged_dot to dense work over all experts
+
+
+def ragged_dots() -> dict:
+  """The grouped matmuls the dropless rows can run on: name -> fn(lhs [m, k], rhs [g, k, n],
+  group_sizes [g]) -> [m, n], as `jax.lax.ragged_dot` (rows past sum(group_sizes) give zeros)."""
+  import jax
+
+  def tokamax_ragged_dot(lhs, rhs, group_sizes):
+    import tokamax  # optional: pip install tokamax (bench/gpu.sh installs shipped wheels)
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, else parses this argv
+      flags.FLAGS.mark_as_parsed()
+    return tokamax.ragged_dot(lhs, rhs, group_sizes)
+
+  return {"xla": jax.lax.ragged_dot, "tokamax": tokamax_ragged_dot}
+
+
+def ragged_ffn(ragged_dot):
+  """models/moe.py's `_ffn_ragged` (the dropless experts' two grouped matmuls) on `ragged_dot`."""
+  import jax
+
+  def ffn(rows, group_sizes, w_in, w_out, model_axes):
+    hidden = jax.nn.relu(ragged_dot(rows, w_in, group_sizes))
+    out = ragged_dot(hidden, w_out, group_sizes)
+    return jax.lax.psum(out, model_axes) if model_axes else out
+
+  return ffn
 
 
 def _one_hot_experts(x, routing, w_in, w_out, capacity, layout, dtype):
@@ -128,7 +161,7 @@ def _experts_only(tokens, k, d, hidden, num_experts):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (x, w_in, w_out)
 
 
-def speed_table(size: str, repeats: int, cores_used: str):
+def speed_table(size: str, repeats: int, cores_used: str, dtype="float32", ragged=("xla",)):
   import jax
   import jax.numpy as jnp
 
@@ -138,7 +171,7 @@ def speed_table(size: str, repeats: int, cores_used: str):
   s = SIZES[size]
   tokens, d, hidden, k = s["tokens"], s["d"], s["hidden"], 2
   batch, length = tokens // 256, 256
-  x = jax.random.normal(jax.random.key(0), (batch, length, d), jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (batch, length, d), jnp.float32).astype(dtype)
   target = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
 
   def step_fn(layer, train):
@@ -154,12 +187,13 @@ def speed_table(size: str, repeats: int, cores_used: str):
     return jax.jit(lambda: layer.init(jax.random.key(3), x, None)["params"])()
 
   on_cpu = jax.devices()[0].platform == "cpu"
-  dense = ffn.DenseFFN(hidden=k * hidden)
+  dense = ffn.DenseFFN(hidden=k * hidden, dtype=jnp.dtype(dtype))
   baseline = (step_fn(dense, True), (params_of(dense), x))
   rows = []
+  dots = ragged_dots()
   for num_experts in (8, 32, 128):
-    for variant in ("capacity", "capacity/one-hot", "dropless"):
-      dispatch = "dropless" if variant == "dropless" else "capacity"
+    for variant in ("capacity", "capacity/one-hot", *(f"dropless/{r}" for r in ragged)):
+      dispatch = "dropless" if variant.startswith("dropless") else "capacity"
       layer = moe_lib.MoE(
         num_experts=num_experts,
         k=k,
@@ -168,20 +202,28 @@ def speed_table(size: str, repeats: int, cores_used: str):
         group_size=1024,
         noisy_gating=True,
         dispatch=dispatch,
+        dtype=jnp.dtype(dtype),
       )
-      if variant == "dropless" and num_experts > DROPLESS_MAX_EXPERTS and on_cpu:
+      if dispatch == "dropless" and num_experts > DROPLESS_MAX_EXPERTS and on_cpu:
         rows.append(
           (num_experts, variant, None, None, "skipped: XLA:CPU ragged_dot is dense over E")
         )
         continue
-      original = moe_lib.capacity_experts
+      original = moe_lib.capacity_experts, moe_lib._ffn_ragged
       if variant == "capacity/one-hot":
         moe_lib.capacity_experts = _one_hot_experts
+      if dispatch == "dropless":
+        moe_lib._ffn_ragged = ragged_ffn(dots[variant.split("/")[1]])
       try:
         candidate = (step_fn(layer, True), (params_of(layer), x))
         dense_time, seconds = _time_against(baseline, candidate, repeats)
+      except Exception as error:  # an optional kernel (tokamax) missing or refusing these shapes
+        if variant != "dropless/tokamax":
+          raise
+        rows.append((num_experts, variant, None, None, f"failed: {error!r}"[:160]))
+        continue
       finally:
-        moe_lib.capacity_experts = original
+        moe_lib.capacity_experts, moe_lib._ffn_ragged = original
       rows.append((num_experts, variant, seconds, dense_time, ""))
   for num_experts in (8, 32, 128):
     alone = _time_against(baseline, _experts_only(tokens, k, d, hidden, num_experts), repeats)
@@ -190,7 +232,7 @@ def speed_table(size: str, repeats: int, cores_used: str):
   rows.append((128, "(weights only)", floor[1], floor[0], "read 2 x [E,d,h] + write their grads"))
   print(f"\nMoE forward+backward ÷ dense FFN (hidden {k * hidden}), {tokens} tokens, d={d}, ")
   platform = jax.devices()[0].platform
-  print(f"expert hidden {hidden}, k={k}, capacity factor 1.0, noisy gating, float32, 1 {platform}")
+  print(f"expert hidden {hidden}, k={k}, capacity factor 1.0, noisy gating, {dtype}, 1 {platform}")
   cores = f"; {cores_used}" if platform == "cpu" else ""
   print(f"(dense timed alternately with each row, best of {repeats} each{cores})\n")
   print(f"{'E':>4} | {'dispatch':<17} | {'MoE ms':>8} | {'dense ms':>8} | {'÷ dense':>7} | note")
@@ -317,13 +359,18 @@ def main():
   parser.add_argument("--cores", type=int, default=1, help="CPUs the speed table may use")
   parser.add_argument("--hlo-json", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--only", choices=("speed", "bytes"), default=None)
+  parser.add_argument("--dtype", default="float32", help="activation dtype of the speed table")
+  parser.add_argument(
+    "--ragged", default="xla", help="grouped matmuls of the dropless rows: xla, tokamax or both"
+  )
   args = parser.parse_args()
   size = args.size or ("quick" if args.quick else "full")
   if args.hlo_json:
     print(json.dumps(bytes_rows(size)))
     return
   if args.only in (None, "speed"):
-    speed_table(size, args.repeats, pin_to_cores(args.cores))
+    ragged = tuple(r for r in args.ragged.split(",") if r)
+    speed_table(size, args.repeats, pin_to_cores(args.cores), args.dtype, ragged)
   if args.only in (None, "bytes"):
     bytes_table(size)
 
