@@ -105,11 +105,49 @@ CASES = {
   "unknown_text_overlength": ({"data.text_overlength": "bogus"}, "config.data.text_overlength"),
   "unknown_pos_tags": ({"data.parse_pos_tags": "some"}, "config.data.parse_pos_tags"),
   "negative_audio_blocks": ({"model.audio_blocks": -1}, "config.model.audio_blocks"),
+  "audio_frames_below_stride": ({"data.max_audio_frames": 1}, "config.data.max_audio_frames=1"),
+  "audio_frames_too_few_for_ctc": (
+    {"data.max_audio_frames": 64},
+    "16 encoded positions for transcripts of up to 32 tokens",
+  ),
+  "unknown_remat": ({"model.remat": "all"}, "config.model.remat='all'"),
+  "zero_shuffle_buffer": ({"data.shuffle_buffer": 0}, "config.data.shuffle_buffer=0"),
+  "target_spaces_reordered": (
+    {"model.target_spaces": ("de", "en", "fr", "parse", "class")},
+    "config.model.target_spaces",
+  ),
+  "empty_data_dir": ({"data.data_dir": " "}, "config.data.data_dir"),
+  "grayscale_channels": ({"model.image_channels": 1}, "config.model.image_channels=1"),
+  "negative_balance_coef": ({"model.moe.balance_coef": -0.1}, "config.model.moe.balance_coef"),
   "zero_beam": ({"decode.beam_size": 0}, "config.decode.beam_size"),
   "negative_length_penalty": ({"decode.length_penalty": -1.0}, "config.decode.length_penalty"),
   "infinite_learning_rate": ({"optimizer.learning_rate": float("inf")}, "learning_rate=inf"),
   "nan_learning_rate": ({"optimizer.learning_rate": float("nan")}, "learning_rate=nan"),
 }
+
+
+# Every size with every modifier that adds or changes fields.
+VARIANTS = ("tiny", "default", "paper", "default,no_moe,no_attention,fsdp", "tiny,tasks=a+b")
+
+
+def _all_fields():
+  return {
+    path
+    for variant in VARIANTS
+    for path, _ in validation.leaf_fields(multimodel_config.get_config(variant))
+  }
+
+
+def test_every_config_field_has_a_rule():
+  """A field added to configs/multimodel.py without a row in validation.FIELD_RULES fails here."""
+  missing = sorted(p for p in _all_fields() if validation.rule_key(p) is None)
+  assert not missing, f"fields without a rule in mm_jax/validation.py FIELD_RULES: {missing}"
+
+
+def test_every_rule_is_for_a_field():
+  """No stale rows: each rule names a field some config variant has."""
+  used = {validation.rule_key(p) for p in _all_fields()}
+  assert sorted(set(validation.FIELD_RULES) - used) == []
 
 
 def _expect_config_error(config, workdir, field):
