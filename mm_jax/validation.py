@@ -286,6 +286,7 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
   _validate_optimizer(config.optimizer, mesh, rules)
   if check_data:
     _check_paper_sources(config)
+    check_data_files(config)
   return mesh
 
 
@@ -423,6 +424,76 @@ def _check_paper_sources(config):
       f"config.data.data_dir={config.data.data_dir!r}: task {task.name} needs TFDS dataset "
       f"{source.tfds_name} prepared in {root}: run `tfds build {source.tfds_name.split('/')[0]} "
       f"--data_dir={root}` where the data is reachable"
+    )
+
+
+# TFRecord framing: each record is an 8-byte length, its 4-byte CRC, the data and the data's CRC.
+_RECORD_OVERHEAD = 16
+
+
+def check_data_files(config):
+  """What only opening files shows, before a workdir is written: a data_dir that is not a
+  directory, prepared datasets whose TFRecord files are cut short or are not TFRecords, a saved
+  tokenizer that is not one. Cheap: file sizes against each dataset_info.json and each file's
+  first record header; no record is decoded and TensorFlow is not imported. What is not there
+  yet (an embedded build, a tokenizer) is made later, as before."""
+  from mm_jax.data import layout
+  from mm_jax.data import tokenizer as tokenizer_lib
+
+  root = layout.data_root(config)
+  if "://" in root:
+    return
+  existing = root
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  _require(
+    os.path.isdir(existing),
+    f"config.data.data_dir={config.data.data_dir!r}: {existing} is not a directory: name a "
+    "directory for the datasets and the tokenizer",
+  )
+  datasets = layout.tfds_data_dir(config)
+  for task in layout.build_tasks(config).values():
+    for info in sorted(epath.Path(datasets, task.source.tfds_name).glob("*/dataset_info.json")):
+      _check_tfrecords(info)
+  text_tasks = layout.text_task_names(config)
+  if text_tasks:
+    vocab_size = int(config.data.tokenizer_vocab_size)
+    path = tokenizer_lib.model_path(root, layout.mixture_key(config), vocab_size, text_tasks)
+    if os.path.exists(path):
+      tokenizer_lib.load(path)  # ConfigError naming the file and the fix
+
+
+def _check_tfrecords(info_path):
+  """One prepared dataset's TFRecord files against its dataset_info.json."""
+  import json
+
+  directory = info_path.parent
+  fix = f"delete {directory} and prepare it again (the embedded mixture rebuilds itself)"
+  try:
+    info = json.loads(info_path.read_text())
+  except (OSError, ValueError):
+    raise ConfigError(f"{info_path}: not readable JSON: {fix}") from None
+  if info.get("fileFormat", "tfrecord") != "tfrecord":
+    return
+  for split in info.get("splits", []):
+    records = sum(int(n) for n in split.get("shardLengths", []))
+    files = sorted(directory.glob(f"*-{split['name']}.tfrecord-*"))
+    _require(bool(files) or not records, f"{directory}: no {split['name']} files: {fix}")
+    for file in files:
+      with open(file, "rb") as f:
+        header = f.read(12)
+      size = os.path.getsize(file)
+      length = int.from_bytes(header[:8], "little") if len(header) == 12 else size
+      _require(
+        length + _RECORD_OVERHEAD <= size,
+        f"{file}: not a TFRecord file (its first record does not fit in it): {fix}",
+      )
+    expected = int(split.get("numBytes", 0)) + _RECORD_OVERHEAD * records
+    actual = sum(os.path.getsize(file) for file in files)
+    _require(
+      not split.get("numBytes") or actual == expected,
+      f"{directory}: its {split['name']} files hold {actual} bytes where dataset_info.json "
+      f"expects {expected}: truncated or damaged: {fix}",
     )
 
 
