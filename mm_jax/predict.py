@@ -4,7 +4,14 @@ An input is a sentence (language tasks), an image file (PNG/JPEG) or a WAV file 
 `--batch_file`, one input per line. Prints one output per input: the decoded text or the class.
 Inputs go through the same featurisation as training (mm_jax/data/pipeline.py), and the model is
 restored from the workdir's newest checkpoint with the run's own config (`config.json`, written by
-the trainer) unless `--config` names one. Every user mistake ends in one line on stderr.
+the trainer) unless `--config` names one. Every user mistake ends in one line on stderr, and every
+input is read and checked before the model is built.
+
+Start-up takes most of a call: about 30 s for the tiny model on 2 CPU cores (longer for larger
+ones), for importing JAX and TensorFlow, building the model and restoring its checkpoint, and
+compiling the decoder. It is paid once a process: give many inputs at once (arguments or
+`--batch_file`), and they share one compiled program, 8 inputs a call (16 sentences took 35 s
+where one took 28 s).
 
 `load_trained` (the run built from the config, the restored parameters) also serves
 `python -m mm_jax.evaluate` and `python -m mm_jax.gallery`.
@@ -477,9 +484,10 @@ def inputs_from(argv_inputs: list[str], batch_file: str | None) -> list[str]:
 
 
 def main(argv, values=None):
-  from absl import flags
+  from absl import flags, logging
 
   values = values or flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # the checkpoint library's INFO lines say nothing here
   cli.check_at_least("predict", values, "beam_size", 1)
   given = cli.config_or_exit(values["config"], "predict")
   try:
