@@ -4,12 +4,16 @@ Teacher-forced log-perplexity and per-token accuracy line up with the paper's ta
 metrics (BLEU, WER, bracket F1, top-k accuracy) are what users judge a model by.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from mm_jax import backend
 
-from mm_jax import cli, decode, losses, metrics, sharding
-from mm_jax.data import pipeline
+backend.start_command(__name__)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mm_jax import cli, decode, losses, metrics, sharding  # noqa: E402
+from mm_jax.data import pipeline  # noqa: E402
 
 
 class Evaluator:

@@ -277,6 +277,9 @@ def define_flags(values):
 
 
 if __name__ == "__main__":
+  from mm_jax import backend
+
+  backend.start_command(__name__)  # JAX and TensorFlow are imported only once main runs
   from mm_jax import cli
 
   cli.start(define_flags, main)

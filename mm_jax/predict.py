@@ -508,4 +508,7 @@ def main(argv, values=None):
 
 
 if __name__ == "__main__":
+  from mm_jax import backend
+
+  backend.start_command(__name__)  # JAX and TensorFlow are imported only once main runs
   cli.start(define_flags, main)

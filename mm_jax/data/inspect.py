@@ -5,13 +5,17 @@
 Builds the embedded mixture and trains the tokenizer on first use, like training does.
 """
 
-import numpy as np
-from absl import flags, logging
-from ml_collections import config_flags
+from mm_jax import backend
 
-from mm_jax import cli, validation
-from mm_jax.data import layout, pipeline
-from mm_jax.errors import ConfigError
+backend.start_command(__name__)
+
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mm_jax import cli, validation  # noqa: E402
+from mm_jax.data import layout, pipeline  # noqa: E402
+from mm_jax.errors import ConfigError  # noqa: E402
 
 
 def _describe(batch: dict) -> str:
