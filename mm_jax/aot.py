@@ -378,12 +378,13 @@ def report(name: str, num_slices: int, result: Compiled) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def main(argv, values=None):
   del argv
   from absl import flags
 
-  config = cli.config_or_exit(flags.FLAGS["config"], "aot")
-  name, num_slices = flags.FLAGS.topology, flags.FLAGS.num_slices
+  values = values or flags.FLAGS
+  config = cli.config_or_exit(values["config"], "aot")
+  name, num_slices = values.topology, values.num_slices
   try:
     result = compile_train_step(config, slice_devices(name, num_slices), num_slices)
   except ConfigError as error:
@@ -401,12 +402,21 @@ def main(argv):
   print(report(name, num_slices, result), flush=True)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
+def define_flags(values):
+  from absl import flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/multimodel.py:paper.")
-  flags.DEFINE_string("topology", "v5p-64", f"TPU slice type: one of {', '.join(SLICES)}.")
-  flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (DCN).")
-  flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/multimodel.py:paper.", flag_values=values
+  )
+  flags.mark_flag_as_required("config", flag_values=values)
+  flags.DEFINE_string(
+    "topology", "v5p-64", f"TPU slice type: one of {', '.join(SLICES)}.", flag_values=values
+  )
+  flags.DEFINE_integer(
+    "num_slices", 1, "Slices joined over the data-center network (DCN).", flag_values=values
+  )
+
+
+if __name__ == "__main__":
+  cli.start(define_flags, main)

@@ -49,6 +49,17 @@ def use_cpu_alone_without_accelerators() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def start_command(module_name: str) -> None:
+  """What a command (`python -m mm_jax.X`, whose module is "__main__") does before JAX or
+  TensorFlow is imported: the CPU alone where nothing else can be found, and TensorFlow's C++
+  start-up notes kept off stderr, whose lines are the command's own. Imported as a library, the
+  module leaves the process as it is."""
+  if module_name != "__main__":
+    return
+  use_cpu_alone_without_accelerators()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def cpu_only() -> bool:
   """JAX_PLATFORMS names the CPU alone: this process runs on no accelerator."""
   platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}

@@ -250,6 +250,15 @@ def _on_any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+class CheckpointMismatch(ConfigError):
+  """The config builds other leaves or shapes than the checkpoint holds. `difference` says which,
+  for commands whose fix is another (predict: drop --config)."""
+
+  def __init__(self, message: str, difference: str):
+    super().__init__(message)
+    self.difference = difference
+
+
 class Checkpointer:
   """Saves {state, data, checksums} every call to `save`; restores the newest step whose arrays
   read back and match their checksums."""
@@ -334,9 +343,10 @@ class Checkpointer:
         continue
       difference = shape_difference(stored, wanted)
       if difference is not None:
-        raise ConfigError(
+        raise CheckpointMismatch(
           f"{self.directory} holds step {step} of another model or optimizer ({difference}): "
-          "resume with the config that wrote it, or give this config its own --workdir"
+          "resume with the config that wrote it, or give this config its own --workdir",
+          difference,
         )
       return
 

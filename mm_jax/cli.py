@@ -1,5 +1,10 @@
 """What every command does with its command line: a bad flag, override or config file is one
-line on stderr and exit status 2, never usage text or a traceback."""
+line on stderr and exit status 2, never usage text or a traceback.
+
+Each command (mm_jax.main, predict, evaluate, gallery, aot, data.inspect) has `define_flags(values)`
+and `main(argv, values)`: run as a program, its flags live on absl's global flag values (`start`);
+a test may give each call fresh ones and run many commands in one process.
+"""
 
 import re
 import sys
@@ -18,11 +23,19 @@ def one_line(error: BaseException) -> str:
   return " ".join(" ".join(lines).split())
 
 
-def parse_flags(argv):
+def start(define_flags, main):
+  """`python -m mm_jax.X`: the command's flags on absl's global flag values, then absl's app."""
+  from absl import app
+
+  define_flags(flags.FLAGS)
+  app.run(main, flags_parser=parse_flags)
+
+
+def parse_flags(argv, values=None):
   """absl's parsing, but a bad flag, override or config file is one stderr line and exit 2, not
   usage text or a traceback."""
   try:
-    return flags.FLAGS(argv)
+    return (values or flags.FLAGS)(argv)
   except flags.Error as error:
     print(f"flag error: {one_line(error)}", file=sys.stderr, flush=True)
   except (AttributeError, KeyError) as error:  # an override naming a field the config lacks
@@ -54,6 +67,13 @@ def config_or_exit(flag_holder, command: str):
   except Exception as error:  # noqa: BLE001 - whatever loading the file raised
     fail(command, f"--config: {one_line(error)}")
   return config
+
+
+def check_at_least(command: str, values, name: str, minimum: int):
+  """An integer flag below `minimum` (unset is fine: the config decides) is one line, exit 2."""
+  value = values[name].value
+  if value is not None and value < minimum:
+    fail(command, f"--{name}={value}: use {minimum} or more")
 
 
 def fail(command: str, message: str, status: int = 2):

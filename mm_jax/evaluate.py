@@ -4,12 +4,16 @@ Teacher-forced log-perplexity and per-token accuracy line up with the paper's ta
 metrics (BLEU, WER, bracket F1, top-k accuracy) are what users judge a model by.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from mm_jax import backend
 
-from mm_jax import cli, decode, losses, metrics, sharding
-from mm_jax.data import pipeline
+backend.start_command(__name__)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mm_jax import cli, decode, losses, metrics, sharding  # noqa: E402
+from mm_jax.data import pipeline  # noqa: E402
 
 
 class Evaluator:
@@ -127,16 +131,6 @@ def _text(value) -> str:
 # the trainer's evaluation on the newest checkpoint, printed as a table and saved as JSON.
 
 
-def check_arguments(eval_batches, beam_size):
-  """Raises PredictError (one line) for a value evaluation cannot use."""
-  from mm_jax import predict
-
-  if eval_batches is not None and eval_batches < 1:
-    raise predict.PredictError(f"--eval_batches={eval_batches}: use 1 or more")
-  if beam_size is not None and beam_size < 1:
-    raise predict.PredictError(f"--beam_size={beam_size}: use 1 or more")
-
-
 def results_path(workdir: str, step: int, record: dict):
   """Where `record` goes: eval_stepN.json, unless that file holds results this record would
   lose (a task or metric it lacks, or other settings); then the first free eval_stepN-K.json."""
@@ -172,40 +166,38 @@ def _covers(new: dict, old: dict) -> bool:
   )
 
 
-def main(argv):
+def main(argv, values=None):
   import json
-  import sys
 
   from absl import flags
 
   from mm_jax import predict
 
   del argv
-  values = flags.FLAGS
+  values = values or flags.FLAGS
+  cli.check_at_least("evaluate", values, "eval_batches", 1)
+  cli.check_at_least("evaluate", values, "beam_size", 1)
   try:
-    check_arguments(values.eval_batches, values.beam_size)
-    trained = predict.load_trained(values.workdir, cli.config_or_exit(values["config"], "evaluate"))
+    given = cli.config_or_exit(values["config"], "evaluate")
+    trained = predict.load_trained(values.workdir, given, check_data=True)
     tasks = trained.run.tasks
     chosen = values.tasks.split(",") if values.tasks else list(tasks)
     unknown = [t for t in chosen if t not in tasks]
     if unknown or not chosen:
       raise predict.PredictError(f"unknown task(s) {unknown}: this run has {', '.join(tasks)}")
   except predict.PredictError as error:
-    print(f"evaluate: error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.fail("evaluate", str(error))
   config = trained.run.config.copy_and_resolve_references()
   if values.eval_batches is not None:
     config.train.eval_batches = values.eval_batches
   if values.beam_size is not None:
     config.decode.beam_size = values.beam_size
   if config.train.eval_batches < 1:  # the run's own config may evaluate nothing
-    print(
-      f"evaluate: error: the run's config.train.eval_batches={config.train.eval_batches}: "
-      "pass --eval_batches=N (1 or more)",
-      file=sys.stderr,
-      flush=True,
+    cli.fail(
+      "evaluate",
+      f"the run's config.train.eval_batches={config.train.eval_batches}: pass --eval_batches=N "
+      "(1 or more)",
     )
-    sys.exit(2)
   evaluator = Evaluator(trained.run, trained.tokenizer, chosen, config)
   results = evaluator.evaluate(trained.params)
   print(f"step {trained.step}, beam size {config.decode.beam_size}")
@@ -222,19 +214,24 @@ def main(argv):
     print(f"wrote {path}")
 
 
-def _define_flags():
+def define_flags(values):
   from absl import flags
   from ml_collections import config_flags
 
-  flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
-  flags.DEFINE_string("tasks", None, "comma-separated tasks (default: all of the run's)")
-  flags.DEFINE_integer("eval_batches", None, "held-out batches per task (default: the config's)")
-  flags.DEFINE_integer("beam_size", None, "override config.decode.beam_size")
-  config_flags.DEFINE_config_file("config", None, "config (default: the workdir's config.json)")
+  flags.DEFINE_string(
+    "workdir", None, "the training run's directory", required=True, flag_values=values
+  )
+  flags.DEFINE_string(
+    "tasks", None, "comma-separated tasks (default: all of the run's)", flag_values=values
+  )
+  flags.DEFINE_integer(
+    "eval_batches", None, "held-out batches per task (default: the config's)", flag_values=values
+  )
+  flags.DEFINE_integer("beam_size", None, "override config.decode.beam_size", flag_values=values)
+  config_flags.DEFINE_config_file(
+    "config", None, "config (default: the workdir's config.json)", flag_values=values
+  )
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(define_flags, main)

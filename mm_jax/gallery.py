@@ -225,7 +225,7 @@ def _clip(text: str, limit: int) -> str:
 
 def build(workdir: str, config=None, examples: int = 3, output_dir: str | None = None):
   """Writes gallery.html and gallery.png; returns their paths."""
-  trained = predict.load_trained(workdir, config)
+  trained = predict.load_trained(workdir, config, check_data=True)
   predictor = predict.Predictor(trained)
   tasks = [
     (name, task_entries(trained, predictor, task, examples)) for name, task in trained.tasks.items()
@@ -241,17 +241,16 @@ def build(workdir: str, config=None, examples: int = 3, output_dir: str | None =
   return html_path, png_path
 
 
-def main(argv):
+def main(argv, values=None):
   from absl import flags
 
-  del argv
   from mm_jax import cli, validation
   from mm_jax.errors import ConfigError
 
-  values = flags.FLAGS
+  del argv
+  values = values or flags.FLAGS
   config = cli.config_or_exit(values["config"], "gallery")
-  if values.examples < 1:
-    cli.fail("gallery", f"--examples={values.examples}: use 1 or more examples per task")
+  cli.check_at_least("gallery", values, "examples", 1)
   try:
     if values.output_dir is not None:  # before any decoding: it must be writable
       validation.check_workdir(values.output_dir, "--output_dir")
@@ -261,14 +260,26 @@ def main(argv):
   print("\n".join(paths))
 
 
-if __name__ == "__main__":
-  from absl import app, flags
+def define_flags(values):
+  from absl import flags
   from ml_collections import config_flags
 
-  flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
-  flags.DEFINE_integer("examples", 3, "held-out examples per task")
-  flags.DEFINE_string("output_dir", None, "where to write gallery.html/png (default: workdir)")
-  config_flags.DEFINE_config_file("config", None, "config (default: the workdir's config.json)")
+  flags.DEFINE_string(
+    "workdir", None, "the training run's directory", required=True, flag_values=values
+  )
+  flags.DEFINE_integer("examples", 3, "held-out examples per task", flag_values=values)
+  flags.DEFINE_string(
+    "output_dir", None, "where to write gallery.html/png (default: workdir)", flag_values=values
+  )
+  config_flags.DEFINE_config_file(
+    "config", None, "config (default: the workdir's config.json)", flag_values=values
+  )
+
+
+if __name__ == "__main__":
+  from mm_jax import backend
+
+  backend.start_command(__name__)  # JAX and TensorFlow are imported only once main runs
   from mm_jax import cli
 
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(define_flags, main)

@@ -39,27 +39,58 @@ signal.signal(signal.SIGTERM, _Sigterm())
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/multimodel.py."
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard logs, results.")
-_COORDINATOR = flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0 for jax.distributed (GPU clusters, tests)."
-)
-_COMPILATION_CACHE = flags.DEFINE_string(
-  "compilation_cache",
-  "~/.cache/mm_jax/xla",
-  "Persistent XLA compilation cache: a rerun or resume skips compiling ('' turns it off; "
-  "$JAX_COMPILATION_CACHE_DIR wins when set).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_bool(
-  "distributed", False, "Call jax.distributed.initialize() (auto-detected on Cloud TPU)."
-)
+
+def define_flags(values):
+  def string(name, default, help_text):
+    flags.DEFINE_string(name, default, help_text, flag_values=values)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/multimodel.py.", flag_values=values
+  )
+  flags.mark_flag_as_required("config", flag_values=values)
+  string("workdir", "workdir", "Checkpoints, TensorBoard logs, results.")
+  string(
+    "coordinator_address", None, "host:port of process 0 for jax.distributed (GPU clusters, tests)."
+  )
+  string(
+    "compilation_cache",
+    "~/.cache/mm_jax/xla",
+    "Persistent XLA compilation cache: a rerun or resume skips compiling ('' turns it off; "
+    "$JAX_COMPILATION_CACHE_DIR wins when set).",
+  )
+  flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run.", flag_values=values
+  )
+  flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=values)
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() (auto-detected on Cloud TPU).",
+    flag_values=values,
+  )
+
+
+def process_flags_error(values) -> str | None:
+  """What is wrong with the multi-process flags, or None. jax.distributed would raise a
+  ValueError traceback, or wait for a coordinator that never comes."""
+  count, index = values.num_processes, values.process_id
+  if count is not None and count < 1:
+    return f"--num_processes={count}: use 1 or more"
+  if index is not None and index < 0:
+    return f"--process_id={index}: use 0 or more"
+  if count is not None and index is not None and index >= count:
+    return f"--process_id={index} with --num_processes={count}: use a process id below {count}"
+  if (count is not None or index is not None) and not (
+    values.coordinator_address or values.distributed
+  ):
+    return (
+      "--num_processes and --process_id take effect only with --coordinator_address=host:port "
+      "(or --distributed): add it, or drop them for a one-process run"
+    )
+  return None
 
 
 class _LibraryInfoFilter:
@@ -108,30 +139,38 @@ def _exit_if_terminated(when: str):
     os._exit(143)
 
 
-def main(argv):
+def _flag_error(message: str):
+  print(f"flag error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv, values=None):
+  values = values or flags.FLAGS
   if len(argv) > 1:
-    print(f"flag error: unexpected arguments {argv[1:]}: pass --flag=value only", file=sys.stderr)
-    sys.exit(2)
-  if not _WORKDIR.value.strip():
-    print("flag error: --workdir is empty: name the run's directory", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _flag_error(f"unexpected arguments {argv[1:]}: pass --flag=value only")
+  if not values.workdir.strip():
+    _flag_error("--workdir is empty: name the run's directory")
+  process_error = process_flags_error(values)
+  if process_error:
+    _flag_error(process_error)
   _exit_if_terminated("during start-up")
   try:
-    _CONFIG.value.get  # noqa: B018 - a config file that failed to load raises only when read
-  except OSError as error:
-    print(f"flag error: --config: {cli.one_line(error)}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    config = values.config
+    config.get  # noqa: B018 - a config file that failed to load raises only when read
+  except Exception as error:  # noqa: BLE001 - whatever loading the file raised
+    _flag_error(f"--config: {cli.one_line(error)}")
   _quiet_library_logs()
   import jax
 
-  if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
+  cache = values.compilation_cache
+  if cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-  if _DISTRIBUTED.value or _COORDINATOR.value:
+  if values.distributed or values.coordinator_address:
     jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
+      coordinator_address=values.coordinator_address,
+      num_processes=values.num_processes,
+      process_id=values.process_id,
     )
   from mm_jax import train
   from mm_jax.checkpointing import CheckpointError
@@ -145,7 +184,7 @@ def main(argv):
   )
   _exit_if_terminated("during start-up")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, values.workdir)
   except ConfigError as error:
     print(f"config error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -168,5 +207,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(define_flags, main)

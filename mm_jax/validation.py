@@ -3,9 +3,13 @@
 Each failure is a `ConfigError` whose message is one line: the field, the bad value, the fix.
 """
 
+import dataclasses
+import importlib
 import math
 import os
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from etils import epath
 
@@ -73,11 +77,200 @@ def _is_number(value) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _positive_int(value, field: str):
-  _require(
-    isinstance(value, int) and not isinstance(value, bool) and value > 0,
-    f"{field}={value!r}: use a positive integer",
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for every field of the config: what a value must be on its own. Rules that tie fields
+# together (divisibility, the mesh, the batch split) follow in the _validate_* functions below.
+# tests/test_config_errors.py walks every field of every config variant and fails on a field
+# without a rule here, so a new field cannot go unchecked.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  ok: Callable[[Any], bool]
+  use: str  # the fix, as in "config.model.d=0: use a positive integer"
+
+
+def _finite(value) -> bool:
+  return _is_number(value) and math.isfinite(value)
+
+
+def _choice(*choices) -> Rule:
+  return Rule(lambda v: v in choices, f"one of {', '.join(map(repr, choices))}")
+
+
+def _choice_of(module: str, name: str) -> Rule:
+  """One of a tuple a model or data module defines: imported when a value is checked, so that
+  this table does not import the model code."""
+
+  def choices():
+    return getattr(importlib.import_module(module), name)
+
+  return Rule(lambda v: v in choices(), f"one of {module}.{name}")
+
+
+def _conv_steps(value) -> bool:
+  return (
+    isinstance(value, tuple | list)
+    and len(value) > 0
+    and all(len(s) == 2 and all(_is_int(v) and v > 0 for v in s) for s in value)
   )
+
+
+def _target_spaces(value) -> bool:
+  from mm_jax.data import tasks
+
+  return tuple(value) == tasks.TARGET_SPACES
+
+
+POSITIVE_INT = Rule(lambda v: _is_int(v) and v > 0, "a positive integer")
+COUNT = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+INTEGER = Rule(_is_int, "an integer")
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+FRACTION = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a value in [0, 1)")
+POSITIVE = Rule(lambda v: _finite(v) and v > 0, "a finite positive number")
+NON_NEGATIVE = Rule(lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+DIRECTORY = Rule(lambda v: v is None or (isinstance(v, str) and bool(v.strip())), "a directory")
+CONV_STEPS = Rule(_conv_steps, "((kernel, dilation), ...) of positive integers")
+MESH_AXIS = Rule(lambda v: _is_int(v) and (v > 0 or v == -1), "a positive size or -1 to fill")
+MESH_RULE = Rule(lambda v: isinstance(v, str), "mesh axis names joined by commas ('' replicates)")
+
+FIELD_RULES: dict[str, Rule] = {
+  "seed": INTEGER,
+  "mesh.*": MESH_AXIS,
+  "mesh_rules.*": MESH_RULE,
+  # The model.
+  "model.d": POSITIVE_INT,
+  "model.num_heads": POSITIVE_INT,
+  "model.dropout": FRACTION,
+  "model.conv_group1": CONV_STEPS,
+  "model.conv_group2": CONV_STEPS,
+  "model.attention_query_convs": CONV_STEPS,
+  "model.encoder_blocks_before_ffn": COUNT,
+  "model.encoder_blocks_after_ffn": COUNT,
+  "model.decoder_blocks_before_ffn": COUNT,
+  "model.decoder_blocks_after_ffn": COUNT,
+  "model.use_attention": BOOL,
+  "model.pack_groups": BOOL,
+  "model.ffn": _choice("moe", "dense"),
+  "model.dense_ffn_hidden": POSITIVE_INT,
+  "model.target_spaces": Rule(_target_spaces, "the tasks' output spaces, in mm_jax/data/tasks.py"),
+  "model.vocab_size": Rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
+  "model.image_channels": Rule(lambda v: v == 3, "3 (images are decoded as RGB)"),
+  "model.audio_num_mel_bins": POSITIVE_INT,
+  "model.audio_blocks": POSITIVE_INT,
+  "model.audio_stem_stride": POSITIVE_INT,
+  "model.audio_ctc_weight": Rule(
+    lambda v: _finite(v) and v >= 0, "a number >= 0 (0 turns the CTC loss off)"
+  ),
+  "model.dtype": Rule(
+    lambda v: v in ACTIVATION_DTYPES, f"one of {ACTIVATION_DTYPES} ('auto': by the devices)"
+  ),
+  "model.remat": _choice_of("mm_jax.models.multimodel", "REMAT_MODES"),
+  "model.param_dtype": _choice(*_DTYPES),
+  "model.kernels": Rule(
+    lambda v: v in KERNELS, f"one of {KERNELS} ('auto': 'cpu' on CPUs, 'xla' on TPUs and GPUs)"
+  ),
+  "model.moe.num_experts": POSITIVE_INT,
+  "model.moe.k": POSITIVE_INT,
+  "model.moe.hidden": POSITIVE_INT,
+  "model.moe.capacity_factor_train": POSITIVE,
+  "model.moe.capacity_factor_eval": POSITIVE,
+  "model.moe.group_size": POSITIVE_INT,
+  "model.moe.noisy_gating": BOOL,
+  "model.moe.balance_loss": _choice_of("mm_jax.models.moe", "BALANCE_LOSSES"),
+  "model.moe.balance_coef": NON_NEGATIVE,
+  "model.moe.z_loss_coef": NON_NEGATIVE,
+  "model.moe.dispatch": _choice_of("mm_jax.models.moe", "DISPATCHES"),
+  "model.moe.eval_drops": BOOL,
+  # The data.
+  "data.mixture": _choice("embedded", "paper"),
+  "data.tasks": Rule(lambda v: isinstance(v, str), "task names joined by commas"),
+  "data.data_dir": DIRECTORY,
+  "data.embedded_scale": _choice_of("mm_jax.data.layout", "EMBEDDED_SCALES"),
+  "data.global_batch_size": POSITIVE_INT,
+  "data.weights.*": NON_NEGATIVE,
+  "data.max_text_length": POSITIVE_INT,
+  "data.input_lengths.*": POSITIVE_INT,
+  "data.target_lengths.*": POSITIVE_INT,
+  "data.max_audio_frames": POSITIVE_INT,
+  "data.image_size": POSITIVE_INT,
+  "data.caption_image_size": POSITIVE_INT,
+  "data.shuffle_buffer": POSITIVE_INT,
+  "data.tokenizer_vocab_size": Rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
+  "data.tokenizer_sentences_per_task": POSITIVE_INT,
+  "data.text_overlength": _choice_of("mm_jax.data.layout", "TEXT_OVERLENGTH"),
+  "data.parse_pos_tags": _choice_of("mm_jax.data.layout", "PARSE_POS_TAGS"),
+  "data.ptb_dir": DIRECTORY,
+  "data.seed": INTEGER,
+  # The optimizer.
+  "optimizer.learning_rate": POSITIVE,
+  "optimizer.warmup_steps": COUNT,
+  "optimizer.decay": _choice("rsqrt", "cosine", "wsd", "constant"),
+  "optimizer.cooldown_fraction": Rule(lambda v: _is_number(v) and 0 <= v <= 1, "a value in [0, 1]"),
+  "optimizer.b1": FRACTION,
+  "optimizer.b2": FRACTION,
+  "optimizer.eps": POSITIVE,
+  "optimizer.grad_clip_norm": POSITIVE,
+  "optimizer.weight_decay": NON_NEGATIVE,
+  "optimizer.flatten": BOOL,
+  # Training.
+  "train.num_steps": POSITIVE_INT,
+  "train.label_smoothing": FRACTION,
+  "train.init_prng_impl": _choice(*INIT_PRNG_IMPLS),
+  "train.loss_weights.*": Rule(lambda v: _finite(v) and v >= 0, "a number >= 0 (1 is the default)"),
+  "train.log_every": POSITIVE_INT,
+  "train.eval_every": POSITIVE_INT,
+  "train.eval_batches": COUNT,
+  "train.checkpoint_every": POSITIVE_INT,
+  "train.keep_checkpoints": POSITIVE_INT,
+  "train.max_consecutive_nonfinite": POSITIVE_INT,
+  "train.microbatches": POSITIVE_INT,
+  "train.fixed_batch": BOOL,
+  "train.inject_nonfinite_steps": Rule(
+    lambda v: isinstance(v, tuple | list) and all(_is_int(s) and s >= 0 for s in v),
+    "a tuple of step numbers >= 0",
+  ),
+  # Decoding.
+  "decode.beam_size": POSITIVE_INT,
+  "decode.length_penalty": Rule(lambda v: _finite(v) and v >= 0, "a number >= 0 (0.6 is usual)"),
+  "decode.max_decode_length": POSITIVE_INT,
+}
+
+
+def rule_key(path: str) -> str | None:
+  """The FIELD_RULES key of a field ("model.d", "data.weights.*"), or None."""
+  if path in FIELD_RULES:
+    return path
+  pattern = f"{path.rpartition('.')[0]}.*"
+  return pattern if pattern in FIELD_RULES else None
+
+
+def leaf_fields(config, prefix: str = ""):
+  """(path, value) of every field that is not itself a group of fields."""
+  import ml_collections
+
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from leaf_fields(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _check_fields(config):
+  """Each field against its rule, in the table's order: a field tied to another
+  (data.tokenizer_vocab_size to model.vocab_size) is then named by the one a user sets. A field
+  without a rule (a config file's own addition) is left to the code that reads it."""
+  order = {key: i for i, key in enumerate(FIELD_RULES)}
+  keyed = [(rule_key(path), path, value) for path, value in leaf_fields(config)]
+  for key, path, value in sorted(
+    ((k, p, v) for k, p, v in keyed if k is not None), key=lambda item: order[item[0]]
+  ):
+    if not FIELD_RULES[key].ok(value):
+      raise ConfigError(f"config.{path}={value!r}: use {FIELD_RULES[key].use}")
 
 
 def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int]:
@@ -85,84 +278,60 @@ def validate(config, num_devices: int, check_data: bool = True) -> dict[str, int
 
   `check_data=False` skips looking for the datasets on disk (ahead-of-time compilation reads none).
   """
+  _check_fields(config)
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   rules = sharding.config_rules(config)
-  _validate_model(config.model, mesh, sharding.mesh_axes_of(rules, "expert"))
+  _validate_data(config, mesh)  # first: the model's audio check reads the task list
+  _validate_model(config, mesh, sharding.mesh_axes_of(rules, "expert"))
   _validate_optimizer(config.optimizer, mesh, rules)
-  _validate_train(config.train)
-  _validate_data(config, mesh)
-  _validate_decode(config.decode)  # after the data: max_decode_length follows max_text_length
   if check_data:
     _check_paper_sources(config)
+    check_data_files(config)
   return mesh
 
 
-def _validate_model(m, mesh, expert_axes):
-  _positive_int(m.d, "config.model.d")
-  _positive_int(m.num_heads, "config.model.num_heads")
+def _validate_model(config, mesh, expert_axes):
+  m = config.model
   _require(
     m.d % m.num_heads == 0,
     f"config.model.d={m.d} is not divisible by config.model.num_heads={m.num_heads}: "
     "pick num_heads dividing d",
   )
   _require(
-    isinstance(m.dropout, int | float) and 0.0 <= m.dropout < 1.0,
-    f"config.model.dropout={m.dropout!r}: use a value in [0, 1)",
-  )
-  for name in ("conv_group1", "conv_group2"):
-    steps = m[name]
-    ok = len(steps) > 0 and all(
-      len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in steps
-    )
-    _require(ok, f"config.model.{name}={steps!r}: use ((kernel, dilation), ...) positive ints")
-  for name in (
-    "encoder_blocks_before_ffn",
-    "encoder_blocks_after_ffn",
-    "decoder_blocks_before_ffn",
-    "decoder_blocks_after_ffn",
-  ):
-    value = m[name]
-    _require(
-      isinstance(value, int) and value >= 0, f"config.model.{name}={value!r}: use an integer >= 0"
-    )
-  _require(m.ffn in ("moe", "dense"), f"config.model.ffn={m.ffn!r}: use 'moe' or 'dense'")
-  from mm_jax.models.multimodel import REMAT_MODES
-
-  _require(
-    m.remat in REMAT_MODES,
-    f"config.model.remat={m.remat!r}: use one of {', '.join(map(repr, REMAT_MODES))}",
-  )
-  ctc = m.audio_ctc_weight
-  _require(
-    isinstance(ctc, int | float) and ctc >= 0,
-    f"config.model.audio_ctc_weight={ctc!r}: use a number >= 0 (0 turns the CTC loss off)",
-  )
-  _positive_int(m.audio_stem_stride, "config.model.audio_stem_stride")
-  _positive_int(m.vocab_size, "config.model.vocab_size")
-  _require(m.vocab_size >= 8, f"config.model.vocab_size={m.vocab_size}: use at least 8")
-  _positive_int(m.audio_blocks, "config.model.audio_blocks")
-  _positive_int(m.audio_num_mel_bins, "config.model.audio_num_mel_bins")
-  _require(
-    m.dtype in ACTIVATION_DTYPES,
-    f"config.model.dtype={m.dtype!r}: use one of {ACTIVATION_DTYPES}",
-  )
-  _require(
-    m.kernels in KERNELS,
-    f"config.model.kernels={m.kernels!r}: use one of {KERNELS} ('auto': 'cpu' on CPUs, "
-    "'xla' on TPUs and GPUs)",
-  )
-  _require(
-    m.param_dtype in _DTYPES, f"config.model.param_dtype={m.param_dtype!r}: use one of {_DTYPES}"
-  )
-  _require(
     m.vocab_size % mesh["model"] == 0,
     f"config.model.vocab_size={m.vocab_size} is not divisible by config.mesh.model="
     f"{mesh['model']}: pick a vocabulary size that is",
   )
+  _validate_audio_frames(m, config)
   if m.ffn == "moe":
     from mm_jax.models import moe
 
     moe.validate_moe_config(m.moe, mesh, expert_axes)
+
+
+def _validate_audio_frames(m, config):
+  """The audio net strides time by audio_stem_stride and then 2 per block: fewer frames than that
+  leave it nothing to encode, and the CTC loss cannot align a transcript longer than what is left
+  (the input pipeline would drop every clip as too long, or the loss be infinite)."""
+  from mm_jax.data import layout
+
+  data = config.data
+  stride = m.audio_stem_stride * 2**m.audio_blocks
+  frames = data.max_audio_frames
+  _require(
+    frames >= stride,
+    f"config.data.max_audio_frames={frames} is below the audio net's time stride {stride} "
+    f"(config.model.audio_stem_stride x 2^config.model.audio_blocks): use at least {stride}",
+  )
+  if "speech_recognition" in layout.task_names(config) and m.audio_ctc_weight > 0:
+    positions = -(-frames // stride)
+    transcript = layout.text_length(config, "speech_recognition", "targets")
+    _require(
+      positions >= transcript,
+      f"config.data.max_audio_frames={frames} leaves {positions} encoded positions for "
+      f"transcripts of up to {transcript} tokens, too few for the CTC loss "
+      f"(config.model.audio_ctc_weight): use at least {transcript * stride}",
+    )
 
 
 # Logical axes that name activations only: no parameter of mm_jax/models has them
@@ -171,30 +340,12 @@ ACTIVATION_ONLY_AXES = ("batch", "group", "length", "capacity")
 
 
 def _validate_optimizer(o, mesh, rules):
-  _require(
-    _is_number(o.learning_rate) and math.isfinite(o.learning_rate) and o.learning_rate > 0,
-    f"config.optimizer.learning_rate={o.learning_rate!r}: use a finite positive number",
-  )
-  _require(
-    isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
-    f"config.optimizer.warmup_steps={o.warmup_steps!r}: use an integer >= 0",
-  )
-  decays = ("rsqrt", "cosine", "wsd", "constant")
-  _require(o.decay in decays, f"config.optimizer.decay={o.decay!r}: use one of {decays}")
   if o.decay == "wsd":
-    f = o.cooldown_fraction
     _require(
-      _is_number(f) and 0 < f <= 1,
-      f"config.optimizer.cooldown_fraction={f!r}: use a value in (0, 1] (the share of the run"
-      " over which wsd decays to zero)",
+      o.cooldown_fraction > 0,
+      f"config.optimizer.cooldown_fraction={o.cooldown_fraction!r}: use a value in (0, 1] (the "
+      "share of the run over which wsd decays to zero)",
     )
-  for name in ("b1", "b2"):
-    _require(0.0 <= o[name] < 1.0, f"config.optimizer.{name}={o[name]!r}: use a value in [0, 1)")
-  _require(o.eps > 0, f"config.optimizer.eps={o.eps!r}: use a positive number")
-  _require(
-    o.grad_clip_norm > 0, f"config.optimizer.grad_clip_norm={o.grad_clip_norm!r}: use a value > 0"
-  )
-  _require(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay!r}: use >= 0")
   if o.flatten:
     # One replicated vector holds every parameter: none may be split.
     for name, _ in rules:
@@ -207,55 +358,10 @@ def _validate_optimizer(o, mesh, rules):
         )
 
 
-def _validate_train(t):
-  for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    _positive_int(t[name], f"config.train.{name}")
-  _positive_int(t.max_consecutive_nonfinite, "config.train.max_consecutive_nonfinite")
-  _positive_int(t.microbatches, "config.train.microbatches")
-  _require(
-    isinstance(t.eval_batches, int) and t.eval_batches >= 0,
-    f"config.train.eval_batches={t.eval_batches!r}: use an integer >= 0",
-  )
-  _require(
-    0.0 <= t.label_smoothing < 1.0,
-    f"config.train.label_smoothing={t.label_smoothing!r}: use a value in [0, 1)",
-  )
-  _require(
-    t.init_prng_impl in INIT_PRNG_IMPLS,
-    f"config.train.init_prng_impl={t.init_prng_impl!r}: use one of {INIT_PRNG_IMPLS}",
-  )
-  inject = t.inject_nonfinite_steps
-  _require(
-    isinstance(inject, tuple | list)
-    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in inject),
-    f"config.train.inject_nonfinite_steps={inject!r}: use a tuple of step numbers >= 0",
-  )
-
-
-def _validate_decode(dec):
-  _positive_int(dec.beam_size, "config.decode.beam_size")
-  _positive_int(dec.max_decode_length, "config.decode.max_decode_length")
-  _require(
-    _is_number(dec.length_penalty)
-    and math.isfinite(dec.length_penalty)
-    and dec.length_penalty >= 0,
-    f"config.decode.length_penalty={dec.length_penalty!r}: use a number >= 0 (0.6 is usual)",
-  )
-
-
-def _one_of(value, choices: tuple, field: str):
-  _require(value in choices, f"{field}={value!r}: use one of {', '.join(map(repr, choices))}")
-
-
 def _validate_data(config, mesh):
   from mm_jax.data import layout, tasks
 
   d = config.data
-  mixtures = ("embedded", "paper")
-  _require(d.mixture in mixtures, f"config.data.mixture={d.mixture!r}: use one of {mixtures}")
-  _one_of(d.embedded_scale, layout.EMBEDDED_SCALES, "config.data.embedded_scale")
-  _one_of(d.text_overlength, layout.TEXT_OVERLENGTH, "config.data.text_overlength")
-  _one_of(d.parse_pos_tags, layout.PARSE_POS_TAGS, "config.data.parse_pos_tags")
   names = [t for t in str(d.tasks).split(",") if t]
   _require(bool(names), "config.data.tasks is empty: name at least one task")
   known = tuple(tasks.TASKS)
@@ -264,22 +370,14 @@ def _validate_data(config, mesh):
       name in known, f"config.data.tasks has unknown task {name!r}: use some of {', '.join(known)}"
     )
   _require(len(set(names)) == len(names), "config.data.tasks lists a task twice: remove it")
-  _positive_int(d.global_batch_size, "config.data.global_batch_size")
-  for name in ("max_text_length", "max_audio_frames", "image_size", "caption_image_size"):
-    _positive_int(d[name], f"config.data.{name}")
   for field in ("input_lengths", "target_lengths"):
-    for name, length in (d[field] or {}).items():
+    for name in d[field] or {}:
       _require(
         name in known, f"config.data.{field} names unknown task {name!r}: use some of {known}"
       )
-      _positive_int(length, f"config.data.{field}.{name}")
-  for name, weight in (config.train.loss_weights or {}).items():
+  for name in config.train.loss_weights or {}:
     _require(
       name in known, f"config.train.loss_weights names unknown task {name!r}: use some of {known}"
-    )
-    _require(
-      _is_number(weight) and weight >= 0,
-      f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
     )
   data_parallel = mesh["data"] * mesh["expert"]
   sizes = layout.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
@@ -326,6 +424,76 @@ def _check_paper_sources(config):
       f"config.data.data_dir={config.data.data_dir!r}: task {task.name} needs TFDS dataset "
       f"{source.tfds_name} prepared in {root}: run `tfds build {source.tfds_name.split('/')[0]} "
       f"--data_dir={root}` where the data is reachable"
+    )
+
+
+# TFRecord framing: each record is an 8-byte length, its 4-byte CRC, the data and the data's CRC.
+_RECORD_OVERHEAD = 16
+
+
+def check_data_files(config):
+  """What only opening files shows, before a workdir is written: a data_dir that is not a
+  directory, prepared datasets whose TFRecord files are cut short or are not TFRecords, a saved
+  tokenizer that is not one. Cheap: file sizes against each dataset_info.json and each file's
+  first record header; no record is decoded and TensorFlow is not imported. What is not there
+  yet (an embedded build, a tokenizer) is made later, as before."""
+  from mm_jax.data import layout
+  from mm_jax.data import tokenizer as tokenizer_lib
+
+  root = layout.data_root(config)
+  if "://" in root:
+    return
+  existing = root
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  _require(
+    os.path.isdir(existing),
+    f"config.data.data_dir={config.data.data_dir!r}: {existing} is not a directory: name a "
+    "directory for the datasets and the tokenizer",
+  )
+  datasets = layout.tfds_data_dir(config)
+  for task in layout.build_tasks(config).values():
+    for info in sorted(epath.Path(datasets, task.source.tfds_name).glob("*/dataset_info.json")):
+      _check_tfrecords(info)
+  text_tasks = layout.text_task_names(config)
+  if text_tasks:
+    vocab_size = int(config.data.tokenizer_vocab_size)
+    path = tokenizer_lib.model_path(root, layout.mixture_key(config), vocab_size, text_tasks)
+    if os.path.exists(path):
+      tokenizer_lib.load(path)  # ConfigError naming the file and the fix
+
+
+def _check_tfrecords(info_path):
+  """One prepared dataset's TFRecord files against its dataset_info.json."""
+  import json
+
+  directory = info_path.parent
+  fix = f"delete {directory} and prepare it again (the embedded mixture rebuilds itself)"
+  try:
+    info = json.loads(info_path.read_text())
+  except (OSError, ValueError):
+    raise ConfigError(f"{info_path}: not readable JSON: {fix}") from None
+  if info.get("fileFormat", "tfrecord") != "tfrecord":
+    return
+  for split in info.get("splits", []):
+    records = sum(int(n) for n in split.get("shardLengths", []))
+    files = sorted(directory.glob(f"*-{split['name']}.tfrecord-*"))
+    _require(bool(files) or not records, f"{directory}: no {split['name']} files: {fix}")
+    for file in files:
+      with open(file, "rb") as f:
+        header = f.read(12)
+      size = os.path.getsize(file)
+      length = int.from_bytes(header[:8], "little") if len(header) == 12 else size
+      _require(
+        length + _RECORD_OVERHEAD <= size,
+        f"{file}: not a TFRecord file (its first record does not fit in it): {fix}",
+      )
+    expected = int(split.get("numBytes", 0)) + _RECORD_OVERHEAD * records
+    actual = sum(os.path.getsize(file) for file in files)
+    _require(
+      not split.get("numBytes") or actual == expected,
+      f"{directory}: its {split['name']} files hold {actual} bytes where dataset_info.json "
+      f"expects {expected}: truncated or damaged: {fix}",
     )
 
 

@@ -88,14 +88,45 @@ def test_command_line_sentence_and_batch_file(workdir, tmp_path):
   assert len(result.stdout.splitlines()) == 3
 
 
+def test_memory_on_the_largest_refused_input_stays_below_a_valid_one(workdir, tmp_path):
+  """The largest file predict reads (just under its size limit), a WAV whose header claims 26
+  minutes of audio: refused from the header, never decoded or resampled, and before the model is
+  built. Its peak resident memory may exceed a valid input's by the file itself at most."""
+  valid = _cli(workdir, "--task=speech_recognition", _wav(tmp_path / "ok.wav"))
+  assert valid.returncode == 0, valid.stderr[-2000:]
+  huge = tmp_path / "huge.wav"
+  samples = (predict.MAX_FILE_BYTES - 1024) // 2
+  scipy.io.wavfile.write(huge, 16_000, np.zeros(samples, np.int16))
+  refused = _cli(workdir, "--task=speech_recognition", str(huge))
+  assert refused.returncode == 2 and "longer than this model's" in refused.stderr
+  print(f"peak resident memory: valid {valid.peak_mb:.0f} MB, refused {refused.peak_mb:.0f} MB")
+  assert refused.peak_mb <= valid.peak_mb + 100
+
+
+# Runs the command given as arguments and prints its peak resident memory (kB) last on stderr.
+# The command is forked from this small process: a child's peak counts its parent's resident
+# memory at the fork (Linux carries it over fork and exec), and the test process is gigabytes.
+_MEASURED = """
+import resource, subprocess, sys
+status = subprocess.call(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
+sys.exit(status)
+"""
+
+
 def _cli(workdir, *args):
-  return subprocess.run(
-    [sys.executable, "-m", "mm_jax.predict", f"--workdir={workdir}", *args],
+  """The command's result, with `peak_mb`: its peak resident memory."""
+  command = [sys.executable, "-m", "mm_jax.predict", f"--workdir={workdir}", *args]
+  result = subprocess.run(
+    [sys.executable, "-c", _MEASURED, *command],
     capture_output=True,
     text=True,
     timeout=300,
     env={**os.environ, "XLA_FLAGS": xla_flags(None)},
   )
+  result.stderr, _, peak_kb = result.stderr.rstrip("\n").rpartition("\n")
+  result.peak_mb = int(peak_kb) / 1024  # kilobytes on Linux
+  return result
 
 
 def test_errors_are_one_line(trained, workdir, tmp_path):
@@ -117,9 +148,6 @@ def test_errors_are_one_line(trained, workdir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((workdir / "config.json").read_text())
     predict.load_trained(str(tmp_path / "empty"))
-  result = _cli(workdir, "--task=image_captioning", "x")
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith("predict: error: unknown task")
 
 
 def test_jpeg_is_read_like_png(trained, tmp_path):

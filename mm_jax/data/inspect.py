@@ -5,16 +5,17 @@
 Builds the embedded mixture and trains the tokenizer on first use, like training does.
 """
 
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mm_jax import backend
 
-from mm_jax import cli, validation
-from mm_jax.data import layout, pipeline
-from mm_jax.errors import ConfigError
+backend.start_command(__name__)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multimodel.py", "Config file.")
-_EXAMPLES = flags.DEFINE_integer("examples", 3, "Decoded examples to show per task.")
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mm_jax import cli, validation  # noqa: E402
+from mm_jax.data import layout, pipeline  # noqa: E402
+from mm_jax.errors import ConfigError  # noqa: E402
 
 
 def _describe(batch: dict) -> str:
@@ -65,18 +66,25 @@ def inspect(config, num_examples: int) -> None:
       print(f"   held-out {i}: {inputs}\n      -> {targets}")
 
 
-def main(argv):
+def main(argv, values=None):
   del argv
+  values = values or flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  config = cli.config_or_exit(_CONFIG, "inspect")
-  if _EXAMPLES.value < 0:
-    cli.fail("inspect", f"--examples={_EXAMPLES.value}: use 0 or more")
+  config = cli.config_or_exit(values["config"], "inspect")
+  cli.check_at_least("inspect", values, "examples", 0)
   try:  # the trainer's checks: inspect reads what training would read, on one device
     validation.validate(config, num_devices=1)
   except ConfigError as error:
     cli.fail("inspect", f"config error: {error}")
-  inspect(config, _EXAMPLES.value)
+  inspect(config, values.examples)
+
+
+def define_flags(values):
+  config_flags.DEFINE_config_file(
+    "config", "configs/multimodel.py", "Config file.", flag_values=values
+  )
+  flags.DEFINE_integer("examples", 3, "Decoded examples to show per task.", flag_values=values)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start(define_flags, main)

@@ -8,6 +8,7 @@ compile (docs/performance.md, "Start-up and the first step").
 
 import hashlib
 import json
+import os
 
 import numpy as np
 from flax.traverse_util import flatten_dict
@@ -22,6 +23,26 @@ EMBEDDED_SCALES = ("tiny", "full")
 TEXT_OVERLENGTH = ("truncate", "drop")
 # POS tags in linearised parse trees (config.data.parse_pos_tags): as they are, or all "XX".
 PARSE_POS_TAGS = ("keep", "xx")
+
+
+# --- where the data lives (paths only: nothing is read) -----------------------------------------
+
+
+def data_root(config) -> str:
+  root = config.data.data_dir or os.environ.get("MM_JAX_DATA_DIR") or "~/.cache/mm_jax"
+  return os.path.expanduser(root)
+
+
+def mixture_key(config) -> str:
+  mixture = config.data.mixture
+  return f"embedded-{config.data.embedded_scale}" if mixture == "embedded" else mixture
+
+
+def tfds_data_dir(config) -> str:
+  """Where the TFDS datasets live: the embedded build per scale, else data_root itself."""
+  if config.data.mixture == "embedded":
+    return os.path.join(data_root(config), f"embedded_{config.data.embedded_scale}")
+  return data_root(config)
 
 
 def task_names(config) -> list[str]:

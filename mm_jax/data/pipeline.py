@@ -12,7 +12,6 @@ batches consumed per task: a resumed iterator replays the same pipeline and skip
 batches, giving exactly the batches the first run would have seen next.
 """
 
-import os
 import zlib
 from collections.abc import Iterator
 
@@ -25,6 +24,7 @@ from etils import epath
 from mm_jax.data import features, layout
 from mm_jax.data import tasks as tasks_lib
 from mm_jax.data import tokenizer as tokenizer_lib
+from mm_jax.data.layout import data_root, mixture_key, tfds_data_dir  # noqa: F401 (callers' names)
 
 STATS = ("seen", "kept", "errors", "empty", "too_long", "truncated")
 _TOKENIZE_CHUNK = 128
@@ -44,23 +44,6 @@ except RuntimeError as error:
 
 
 # --- config -> paths (tasks, batch sizes, shapes: layout.py) ----------------------------------
-
-
-def data_root(config) -> str:
-  root = config.data.data_dir or os.environ.get("MM_JAX_DATA_DIR") or "~/.cache/mm_jax"
-  return os.path.expanduser(root)
-
-
-def mixture_key(config) -> str:
-  mixture = config.data.mixture
-  return f"embedded-{config.data.embedded_scale}" if mixture == "embedded" else mixture
-
-
-def tfds_data_dir(config) -> str:
-  """Where the TFDS datasets live: the embedded build per scale, else data_root itself."""
-  if config.data.mixture == "embedded":
-    return os.path.join(data_root(config), f"embedded_{config.data.embedded_scale}")
-  return data_root(config)
 
 
 def _task_seed(config, name: str, process_index: int) -> int:

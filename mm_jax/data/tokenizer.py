@@ -96,7 +96,16 @@ def train(texts: Sequence[str], vocab_size: int, user_symbols: Sequence[str] = (
 
 
 def load(path: str) -> Tokenizer:
-  return Tokenizer(epath.Path(path).read_bytes())
+  """ConfigError (one line, the path and the fix) for a file that is not a sentencepiece model."""
+  from mm_jax.errors import ConfigError
+
+  try:
+    return Tokenizer(epath.Path(path).read_bytes())
+  except (OSError, RuntimeError) as error:  # sentencepiece: RuntimeError on a bad model proto
+    reason = getattr(error, "strerror", None) or "not a sentencepiece model"
+    raise ConfigError(
+      f"tokenizer {path}: {reason}: delete it, and the next run trains it again from the data"
+    ) from None
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
