@@ -1,0 +1,187 @@
+"""`:paper` on Cloud TPU slices, every accelerator choice side by side, by the TPU compiler.
+
+  python bench/accelerator.py [--proxy] [--topologies=v5p-64,v6e-64] [--rows=all]
+
+Each row compiles the real train step ahead of time (mm_jax/aot.py, no TPU needed) for one slice
+with one combination of activation dtype (float32 | bfloat16), parameter layout (replicated over
+`data` | fsdp: parameters and Adam moments split over `data`) and remat (none | block), and reports
+per-device memory against the chip's HBM, the compiler's estimated step time and the MFU it
+implies, and the collectives' bytes per device per step. Every figure is an estimate of the
+compiler's, not a measurement on a TPU.
+
+A full `:paper` compile takes about 10 minutes and 13 GB of host memory on 2 CPU cores, so
+`--proxy` compiles a stand-in with the same shapes in every layer (width, heads, experts, expert
+width, batch per device, sequence lengths, every task) but one block where `:paper` has several;
+rows are chosen on the proxy and the chosen ones compiled in full (`--rows=NAME,...`). Each row
+compiles in a child process of its own, so one row's host memory is not another's.
+
+Writes bench/results/accelerator.md (or accelerator_proxy.md) with one header line.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import results  # noqa: E402
+
+GIB = 1024**3
+MIB = 1024**2
+DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+LAYOUTS = ("replicated", "fsdp")
+REMATS = ("none", "block")
+ROWS = [f"{d},{layout},{r}" for d in DTYPES for layout in LAYOUTS for r in REMATS]
+BLOCK_FIELDS = (
+  "encoder_blocks_before_ffn",
+  "encoder_blocks_after_ffn",
+  "decoder_blocks_before_ffn",
+  "decoder_blocks_after_ffn",
+)
+
+
+def row_config(row: str, proxy: bool):
+  """The `:paper` config of one row, e.g. "bf16,fsdp,block"; more parts are overrides of
+  config.model, e.g. "bf16,fsdp,block,kernels=cpu" or "...,moe.group_size=1024"."""
+  from configs import multimodel
+
+  dtype, layout, remat, *overrides = row.split(",")
+  config = multimodel.get_config("paper,fsdp" if layout == "fsdp" else "paper")
+  config.model.dtype = DTYPES[dtype]
+  config.model.remat = remat
+  for override in overrides:
+    path, value = override.split("=", 1)
+    *parents, field = path.split(".")
+    node = config.model
+    for parent in parents:
+      node = node[parent]
+    node[field] = type(node[field])(value)
+  if proxy:
+    for field in BLOCK_FIELDS:
+      config.model[field] = 1
+  return config
+
+
+def compile_row(topology: str, row: str, proxy: bool, num_slices: int, hlo_path: str) -> dict:
+  """Compiles one row in this process: its figures as a dict (JSON-able)."""
+  from mm_jax import aot, run
+
+  config = row_config(row, proxy)
+  start = time.perf_counter()
+  try:
+    result = aot.compile_train_step(config, aot.slice_devices(topology, num_slices), num_slices)
+  except aot.DoesNotFit as error:
+    return {"fits": False, "why": str(error), "compile_s": time.perf_counter() - start}
+  seconds = time.perf_counter() - start
+  print(f"{topology} {row}: compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
+  text = result.compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w", encoding="utf-8") as f:
+      f.write(text)
+  memory = aot.memory_per_device(result.compiled)
+  speed = aot.speed(topology, result)
+  return {
+    "fits": memory["total"] <= aot.SLICES[topology].hbm_bytes,
+    "mesh": dict(result.run.mesh.shape),
+    "params": result.run.num_params,
+    "kernels": run.model_config(result.run.config.model, "tpu").kernels,
+    "memory": memory,
+    "hbm": aot.SLICES[topology].hbm_bytes,
+    "step_s": speed["step_s"],
+    "mfu": speed["mfu"],
+    "xla_over_model_flops": speed["xla_flops"] / speed["model_flops"],
+    "collectives": aot.collectives(text),
+    "compile_s": seconds,
+  }
+
+
+def _child(topology: str, row: str, proxy: bool, num_slices: int, hlo_path: str) -> dict:
+  command = [sys.executable, os.path.abspath(__file__), "--child", row, "--topologies", topology]
+  command += ["--num_slices", str(num_slices)] + (["--proxy"] if proxy else [])
+  command += ["--hlo", hlo_path] if hlo_path else []
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+  lines = done.stdout.strip().splitlines()
+  if done.returncode or not lines:
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"fits": False, "why": f"compile failed: {tail}", "compile_s": float("nan")}
+  return json.loads(lines[-1])
+
+
+def _row_figures(args, topology: str, row: str) -> dict:
+  """One row's figures: from --out when an earlier call compiled it, else compiled now and kept
+  there (with its HLO text), so an interrupted sweep continues where it stopped."""
+  name = f"{'proxy_' if args.proxy else ''}{topology}x{args.num_slices}_{row.replace(',', '_')}"
+  path = os.path.join(args.out, name + ".json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  os.makedirs(args.out, exist_ok=True)
+  hlo = os.path.join(args.out, name + ".hlo")
+  figures = _child(topology, row, args.proxy, args.num_slices, hlo)
+  if "memory" in figures or "compile failed" not in figures["why"]:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(figures, f)
+  print(f"  {name}: {json.dumps(figures)[:300]}", file=sys.stderr, flush=True)
+  return figures
+
+
+def table(topology: str, figures: dict[str, dict]) -> list[str]:
+  head = (
+    "| row (dtype, layout, remat) | GiB per device | % of HBM | step (ms, est.) | MFU (est.) "
+    "| XLA / model FLOPs | all-gather MiB | all-reduce MiB | reduce-scatter MiB | all-to-all MiB |"
+  )
+  lines = [f"{topology}:", "", head, "|" + "---|" * 10]
+  for row, f in figures.items():
+    if "memory" not in f:
+      lines.append(f"| {row} | {f['why']} |" + " |" * 8)
+      continue
+    c = f["collectives"]
+    step = f"{1e3 * f['step_s']:.1f}" if f["step_s"] > 0 else "unavailable"
+    mfu = f"{f['mfu']:.1%}" if f["step_s"] > 0 else "unavailable"
+    lines.append(
+      f"| {row} | {f['memory']['total'] / GIB:.2f} | {f['memory']['total'] / f['hbm']:.1%} "
+      f"| {step} | {mfu} | {f.get('xla_over_model_flops', float('nan')):.2f} "
+      f"| {c['all-gather']['bytes'] / MIB:,.0f} "
+      f"| {c['all-reduce']['bytes'] / MIB:,.0f} | {c['reduce-scatter']['bytes'] / MIB:,.0f} "
+      f"| {c['all-to-all']['bytes'] / MIB:,.0f} |"
+    )
+  return lines
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--topologies", default="v5p-64,v6e-64")
+  parser.add_argument("--rows", default="all", help='"all" or rows like "bf16,fsdp,block;..."')
+  parser.add_argument("--proxy", action="store_true", help="one block per stack (see above)")
+  parser.add_argument("--num_slices", type=int, default=1)
+  parser.add_argument("--out", default="accelerator_rows", help="each row's figures and HLO")
+  parser.add_argument("--name", default="", help="results file name (default by --proxy)")
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--hlo", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    figures = compile_row(args.topologies, args.child, args.proxy, args.num_slices, args.hlo)
+    print(json.dumps(figures))
+    return
+  rows = ROWS if args.rows == "all" else args.rows.split(";")
+  name = args.name or ("accelerator_proxy" if args.proxy else "accelerator")
+  what = "proxy (one block per stack)" if args.proxy else "`:paper`"
+  with results.recorded(name):
+    print(f"{what}, {args.num_slices} slice(s); estimates of the TPU compiler (mm_jax.aot)\n")
+    for topology in args.topologies.split(","):
+      figures = {}
+      for row in rows:
+        figures[row] = _row_figures(args, topology, row)
+      first = next((f for f in figures.values() if "mesh" in f), None)
+      if first:
+        print(f"mesh {first['mesh']}, {first['params']:,} parameters\n")
+      print("\n".join(table(topology, figures)) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+  main()
