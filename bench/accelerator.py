@@ -21,6 +21,7 @@ Writes bench/results/accelerator.md (or accelerator_proxy.md) with one header li
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,6 +131,43 @@ def _row_figures(args, topology: str, row: str) -> dict:
   return figures
 
 
+_DEFINITION = re.compile(
+  r"\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>.+?) (?P<op>[a-z][\w\-]*)\((?P<rest>.*)"
+)
+_SOURCES = ("recv-done", "parameter", "all-reduce", "all-reduce-done", "reduce-scatter")
+
+
+def all_gather_sources(hlo_text: str, depth: int = 12) -> dict[str, dict[str, int]]:
+  """What each all-gather of a compiled program gathers, by the nearest op upstream of it that
+  is a DCN receive (the cross-slice sum of XLA's multi-slice all-reduce), a parameter (a split
+  weight gathered for use: fsdp) or another collective: {source: {"count", "bytes"}}."""
+  from mm_jax import aot
+
+  defs = {}
+  for line in hlo_text.splitlines():
+    m = _DEFINITION.match(line)
+    if m:
+      operands = m["rest"].split(", kind=")[0].split("), channel")[0]
+      defs[m["name"]] = (m["op"], m["type"], re.findall(r"%([\w.\-]+)", operands))
+  out = {}
+  for op, type_text, operands in defs.values():
+    if op not in ("all-gather", "all-gather-start"):
+      continue
+    seen, frontier, source = set(), list(operands), "other"
+    for _ in range(depth):
+      found = [defs[o][0] for o in frontier if o in defs and defs[o][0] in _SOURCES]
+      if found:
+        source = found[0]
+        break
+      seen.update(frontier)
+      frontier = [x for o in frontier if o in defs for x in defs[o][2] if x not in seen]
+    entry = out.setdefault(source, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    sizes = aot._array_bytes(type_text)
+    entry["bytes"] += sizes[-1] if sizes else 0
+  return out
+
+
 def table(topology: str, figures: dict[str, dict]) -> list[str]:
   head = (
     "| row (dtype, layout, remat) | GiB per device | % of HBM | step (ms, est.) | MFU (est.) "
@@ -161,9 +199,15 @@ def main():
   parser.add_argument("--num_slices", type=int, default=1)
   parser.add_argument("--out", default="accelerator_rows", help="each row's figures and HLO")
   parser.add_argument("--name", default="", help="results file name (default by --proxy)")
+  parser.add_argument("--explain_all_gathers", default="", help="an HLO file: what they gather")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--hlo", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.explain_all_gathers:
+    with open(args.explain_all_gathers, encoding="utf-8") as f:
+      for source, c in all_gather_sources(f.read()).items():
+        print(f"after {source:<16}{c['count']:>6} all-gathers {c['bytes'] / MIB:>12,.1f} MiB")
+    return
   if args.child:
     figures = compile_row(args.topologies, args.child, args.proxy, args.num_slices, args.hlo)
     print(json.dumps(figures))

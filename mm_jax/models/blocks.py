@@ -33,6 +33,13 @@ DEPTHWISE_FORM = {"cpu": "shifted", "xla": "grouped"}  # a key of DEPTHWISE, per
 EMBED_AXES = ("batch", "length", "embed")
 
 
+def whole_at_use(weight, keep: tuple[str | None, ...] | None = None):
+  """`weight` constrained whole (or split only by the logical names in `keep`) where it is
+  used: a parameter stored split over the data-parallel devices (fsdp) is gathered for the
+  computation, never the activations it meets."""
+  return nn.with_logical_constraint(weight, keep or (None,) * weight.ndim)
+
+
 def _spatial_names(ndim: int) -> tuple[str, ...]:
   return ("conv_kernel",) if ndim == 1 else ("height", "width")
 
@@ -281,6 +288,9 @@ class SeparableConv(nn.Module):
       nn.with_logical_partitioning(nn.initializers.normal(fan_in**-0.5), names),
       (*self.kernel_size, x.shape[-1]),
     )
+    # Used whole wherever the rules store it split (fsdp): left split along the channels it
+    # shares with x, the TPU compiler gathered x's batch instead, for the taps' gradient.
+    taps = whole_at_use(taps)
     pads = [conv_padding(k, r, self.padding) for k, r in zip(self.kernel_size, dilation)]
     x = x.astype(self.dtype)
     if decode:

@@ -12,7 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm_jax.models.blocks import EMBED_AXES, ConvStep, Dense, LayerNorm, zero_padding
+from mm_jax.models.blocks import (
+  EMBED_AXES,
+  ConvStep,
+  Dense,
+  LayerNorm,
+  whole_at_use,
+  zero_padding,
+)
 
 GRID_AXES = ("batch", "height", "width", "channels")
 
@@ -75,6 +82,7 @@ class Conv(nn.Module):
       nn.with_logical_partitioning(init, ("height", "width", "channels", "mlp")),
       (*self.kernel_size, x.shape[-1], self.features),
     )
+    w = whole_at_use(w, (None, None, None, "mlp"))
     return jax.lax.conv_general_dilated(
       x.astype(self.dtype),
       w.astype(self.dtype),
