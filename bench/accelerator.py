@@ -168,6 +168,34 @@ def all_gather_sources(hlo_text: str, depth: int = 12) -> dict[str, dict[str, in
   return out
 
 
+_CYCLES = re.compile(r'"estimated_cycles":"?(\d+)')
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def time_by_part(hlo_text: str, depth: int = 3) -> dict[str, float]:
+  """The compiler's estimated cycles of a compiled TPU program, as shares by the part of the
+  model each instruction came from (the first `depth` module names of its op_name; a loop's
+  body counted once per iteration)."""
+  from mm_jax import aot
+
+  bodies, entry = aot._computations(hlo_text)
+  runs = aot._executions(bodies, entry)
+  parts: dict[str, float] = {}
+  for computation, lines in bodies.items():
+    for line in lines:
+      cycles = _CYCLES.search(line)
+      if not cycles or not runs.get(computation):
+        continue
+      name = _OP_NAME.search(line)
+      path = [p for p in re.split(r"[/()]", name[1] if name else "") if p][:-1]  # no primitive
+      start = next((i for i, p in enumerate(path) if p.startswith("MultiModel")), len(path))
+      modules = [p.removeprefix("MultiModel.") for p in path[start:] if p != "MultiModel.packed"]
+      part = "/".join(modules[:depth]) or "the update and the rest"
+      parts[part] = parts.get(part, 0.0) + int(cycles[1]) * runs[computation]
+  total = sum(parts.values()) or 1.0
+  return dict(sorted(((k, v / total) for k, v in parts.items()), key=lambda kv: -kv[1]))
+
+
 def table(topology: str, figures: dict[str, dict]) -> list[str]:
   head = (
     "| row (dtype, layout, remat) | GiB per device | % of HBM | step (ms, est.) | MFU (est.) "
@@ -200,6 +228,7 @@ def main():
   parser.add_argument("--out", default="accelerator_rows", help="each row's figures and HLO")
   parser.add_argument("--name", default="", help="results file name (default by --proxy)")
   parser.add_argument("--explain_all_gathers", default="", help="an HLO file: what they gather")
+  parser.add_argument("--where", default="", help="an HLO file: estimated time by model part")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--hlo", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -207,6 +236,11 @@ def main():
     with open(args.explain_all_gathers, encoding="utf-8") as f:
       for source, c in all_gather_sources(f.read()).items():
         print(f"after {source:<16}{c['count']:>6} all-gathers {c['bytes'] / MIB:>12,.1f} MiB")
+    return
+  if args.where:
+    with open(args.where, encoding="utf-8") as f:
+      for part, share in list(time_by_part(f.read()).items())[:12]:
+        print(f"{share:>7.1%}  {part}")
     return
   if args.child:
     figures = compile_row(args.topologies, args.child, args.proxy, args.num_slices, args.hlo)
