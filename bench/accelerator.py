@@ -51,7 +51,7 @@ def row_config(row: str, proxy: bool):
   from configs import multimodel
 
   dtype, layout, remat, *overrides = row.split(",")
-  config = multimodel.get_config("paper,fsdp" if layout == "fsdp" else "paper")
+  config = multimodel.get_config(f"paper,{layout}")
   config.model.dtype = DTYPES[dtype]
   config.model.remat = remat
   for override in overrides:

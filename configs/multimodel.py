@@ -4,8 +4,9 @@
   --config=configs/multimodel.py:tiny     seconds-scale model and data, for tests
   --config=configs/multimodel.py:paper    the paper's 8-task setting (TFDS, d=1536, 120 experts)
 
-Modifiers may follow the size after commas, e.g. `:default,no_moe`, `:default,no_attention`
-or `:tiny,tasks=image_classification+translate_en_de`. Anything else is a
+Modifiers may follow the size after commas, e.g. `:default,no_moe`, `:default,no_attention`,
+`:default,fsdp` (parameters split over the data-parallel devices; `:paper`'s layout),
+`:paper,replicated` or `:tiny,tasks=image_classification+translate_en_de`. Anything else is a
 `--config.field=value` override on the command line.
 """
 
@@ -152,6 +153,15 @@ def _data(size: str) -> ml_collections.ConfigDict:
   return d
 
 
+def _split_parameters_over_data(c: ml_collections.ConfigDict) -> None:
+  """fsdp: parameters and Adam moments split over the data-parallel devices along their embedding
+  axis and conv channels (ZeRO-3 style), gathered where used; activations keep the batch on those
+  axes, and experts keep expert parallelism. A split parameter cannot live in one flat vector."""
+  c.mesh_rules.embed = "data"
+  c.mesh_rules.channels = "data"
+  c.optimizer.flatten = False
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = [p for p in (arg or "default").split(",") if p]
   size = parts[0] if parts and parts[0] in ("tiny", "default", "paper") else "default"
@@ -232,23 +242,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dec.max_decode_length = c.data.get_ref("max_text_length")
   c.decode = dec
 
+  if size == "paper":
+    # The TPU compiler's estimates put the fsdp layout ahead of replicated parameters for the
+    # `:paper` step on v5p-64, in memory and in time (bench/accelerator.py; docs/performance.md).
+    _split_parameters_over_data(c)
+
   for mod in modifiers:
     if mod == "no_moe":
       c.model.ffn = "dense"
     elif mod == "no_attention":
       c.model.use_attention = False
     elif mod == "fsdp":
-      # Parameters and Adam moments split over the data-parallel devices along their embedding
-      # axis (ZeRO-3 style), gathered per layer; activations keep the batch on those axes, and
-      # experts keep expert parallelism. A split parameter cannot live in one flat vector.
-      c.mesh_rules.embed = "data"
-      c.mesh_rules.channels = "data"  # the image and audio nets' convolution channels
-      c.optimizer.flatten = False
+      _split_parameters_over_data(c)
+    elif mod == "replicated":
+      c.mesh_rules.embed = c.mesh_rules.channels = ""
     elif mod.startswith("tasks="):
       c.data.tasks = mod.split("=", 1)[1].replace("+", ",")
     else:
       raise ValueError(
         f"configs/multimodel.py: unknown variant {mod!r}: use tiny|default|paper, no_moe, "
-        "no_attention, fsdp, tasks=a+b"
+        "no_attention, fsdp, replicated, tasks=a+b"
       )
   return c

@@ -122,7 +122,14 @@ CASES = {
 
 
 # Every size with every modifier that adds or changes fields.
-VARIANTS = ("tiny", "default", "paper", "default,no_moe,no_attention,fsdp", "tiny,tasks=a+b")
+VARIANTS = (
+  "tiny",
+  "default",
+  "paper",
+  "paper,replicated",
+  "default,no_moe,no_attention,fsdp",
+  "tiny,tasks=a+b",
+)
 
 
 def _all_fields():
