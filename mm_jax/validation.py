@@ -41,6 +41,8 @@ FIELDS_ADDED_LATER = {
   "data.parse_pos_tags": "keep",
   "data.input_lengths": {},
   "data.target_lengths": {},
+  "data.mixing": {"strategy": "weights", "temperature": 2.0, "max_examples": 0},
+  "train.expert_load": False,
   "mesh_rules": sharding.rules_config(),
 }
 
@@ -212,6 +214,8 @@ def _validate_train(t):
     _positive_int(t[name], f"config.train.{name}")
   _positive_int(t.max_consecutive_nonfinite, "config.train.max_consecutive_nonfinite")
   _positive_int(t.microbatches, "config.train.microbatches")
+  load = t.expert_load
+  _require(isinstance(load, bool), f"config.train.expert_load={load!r}: use True or False")
   _require(
     isinstance(t.eval_batches, int) and t.eval_batches >= 0,
     f"config.train.eval_batches={t.eval_batches!r}: use an integer >= 0",
@@ -281,6 +285,7 @@ def _validate_data(config, mesh):
       _is_number(weight) and weight >= 0,
       f"config.train.loss_weights.{name}={weight!r}: use a number >= 0 (1 is the default)",
     )
+  _validate_mixing(d.mixing)
   data_parallel = mesh["data"] * mesh["expert"]
   sizes = layout.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
   microbatches = config.train.microbatches
@@ -293,6 +298,22 @@ def _validate_data(config, mesh):
       f"per data-parallel shard ({size} a step over {data_parallel}): use a divisor of "
       f"{per_shard} or raise config.data.global_batch_size",
     )
+
+
+def _validate_mixing(mixing):
+  from mm_jax import mixture
+
+  _one_of(mixing.strategy, mixture.STRATEGIES, "config.data.mixing.strategy")
+  t = mixing.temperature
+  _require(
+    _is_number(t) and math.isfinite(t) and t > 0,
+    f"config.data.mixing.temperature={t!r}: use a number > 0 (1: by examples; 2 or 3 is usual)",
+  )
+  cap = mixing.max_examples
+  _require(
+    isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0,
+    f"config.data.mixing.max_examples={cap!r}: use an integer >= 0 (0: no cap)",
+  )
 
 
 def _check_paper_sources(config):
