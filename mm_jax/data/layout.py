@@ -181,12 +181,12 @@ class ReadLayout:
     saved, here = (flatten_dict(x, sep=".") for x in (state.get("layout", {}), self.describe()))
     keys = [k for k in sorted(saved.keys() | here.keys()) if not _is_mixing(k)]
     changed = [k for k in keys if saved.get(k) != here.get(k)]
-    if changed:
-      named = ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
-    elif saved:
-      named = "the mixture: a position counted in batches continues only the mixture that wrote it"
-    else:
+    if not saved:
       named = "data config, batch sizes or process layout (not recorded in this checkpoint)"
+    elif changed:
+      named = ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
+    else:
+      named = "the mixture: a position counted in batches continues only the mixture that wrote it"
     raise ConfigError(
       f"the checkpoint's data position was saved with other data settings ({named}): resume "
       "with the config.data, mesh and process count that wrote it, or use a new --workdir"
