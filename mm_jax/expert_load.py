@@ -237,15 +237,11 @@ def render_png(title: str, layers: list[Layer]):
 def build(workdir: str, split: str = "train", output_dir: str | None = None):
   """Writes expert_load.html and expert_load.png; returns their paths."""
   step, layers = read_events(workdir, split)
+  from mm_jax import gallery  # noqa: PLC0415 (it loads the predictor's modules)
+
   title = f"Expert load per task ({split}, step {step}): {os.path.abspath(workdir)}"
-  output_dir = output_dir or workdir
-  os.makedirs(output_dir, exist_ok=True)
-  html_path = os.path.join(output_dir, "expert_load.html")
-  png_path = os.path.join(output_dir, "expert_load.png")
-  with open(html_path, "w", encoding="utf-8") as f:
-    f.write(render_html(title, layers))
-  render_png(title, layers).save(png_path)
-  return html_path, png_path
+  page, picture = render_html(title, layers), render_png(title, layers)
+  return gallery.write_page(output_dir or workdir, "expert_load", page, picture)
 
 
 def main(argv):
