@@ -128,14 +128,27 @@ def read_events(workdir: str, split: str = "train") -> tuple[int, list[Layer]]:
       f"{workdir} holds no {split}/moe/... scalars: train with config.train.expert_load"
     )
   step = max(values)
-  return step, _layers(values[step])
+  return step, _layers(values[step], _task_order(workdir))
 
 
-def _layers(values: dict) -> list[Layer]:
+def _task_order(workdir: str) -> list[str]:
+  """The run's tasks in its config's order (rows are drawn in it), or [] without config.json."""
+  import json  # noqa: PLC0415
+
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return str(json.load(f)["data"]["tasks"]).split(",")
+  except (OSError, ValueError, KeyError):
+    return []
+
+
+def _layers(values: dict, order: list[str]) -> list[Layer]:
+  rank = {task: i for i, task in enumerate(order)}
   layers = []
   names = sorted({layer for layer, _, _ in values}, key=lambda n: (n != "encoder", n))
   for name in names:  # the encoder's first
     tasks = list(dict.fromkeys(task for layer, task, _ in values if layer == name))
+    tasks.sort(key=lambda task: rank.get(task, len(rank)))
     experts = 1 + max(int(f[7:]) for layer, _, f in values if layer == name and f[:7] == "expert_")
     get = lambda task, field, name=name: values.get((name, task, field), np.nan)
     layers.append(

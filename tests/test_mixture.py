@@ -8,7 +8,7 @@ import pytest
 import trained_tiny
 
 from configs.multimodel import get_config
-from mm_jax import checkpointing, mixture, train
+from mm_jax import checkpointing, mixture, train, validation
 from mm_jax.data import layout, pipeline
 from mm_jax.errors import ConfigError
 
@@ -71,6 +71,18 @@ def test_a_share_below_one_example_names_the_strategy():
   config = _config("examples", 8)
   with pytest.raises(ConfigError, match=r"strategy='examples' \(image_classification's"):
     layout.task_batch_sizes(config, 1, COUNTS)
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [("strategy", "uniform"), ("temperature", 0.0), ("temperature", -2.0), ("max_examples", -1)],
+)
+def test_bad_mixing_settings_are_one_line_config_errors(field, value):
+  config = get_config("tiny")
+  config.data.mixing[field] = value
+  with pytest.raises(ConfigError, match=rf"^config\.data\.mixing\.{field}=") as info:
+    validation.validate(config, num_devices=1, check_data=False)
+  assert "\n" not in str(info.value)
 
 
 def _stream(batches, task, key):
