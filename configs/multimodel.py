@@ -114,7 +114,13 @@ def _data(size: str) -> ml_collections.ConfigDict:
   )  # None: ~/.cache/mm_jax (embedded)
   d.embedded_scale = {"tiny": "tiny", "default": "full", "paper": "full"}[size]
   d.global_batch_size = {"tiny": 64, "default": 120, "paper": 2048}[size]
-  # Relative mixing weights; a task's batch size is proportional to its weight.
+  # How the tasks share each step's global_batch_size (mm_jax/mixture.py): "weights" (data.weights
+  # below), "examples" (by training examples, each task's count capped at max_examples unless 0)
+  # or "temperature" (by examples^(1/temperature), after the cap).
+  d.mixing = ml_collections.ConfigDict(
+    {"strategy": "weights", "temperature": 2.0, "max_examples": 0}
+  )
+  # Relative mixing weights ("weights" strategy); a task's batch size is proportional to its weight.
   d.weights = ml_collections.ConfigDict({t: 1.0 for t in ALL_TASKS})
   if size == "default":
     # 32 a step for the three tasks with a bar, 8 for captions, 4 for each translation direction
@@ -226,6 +232,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.checkpoint_every = {"tiny": 10, "default": 200, "paper": 2000}[size]
   t.keep_checkpoints = 3
   t.max_consecutive_nonfinite = 5
+  # Per task and MoE layer: the share of the task's expert assignments each expert takes, the
+  # share dropped and the balance loss, computed in the step from its routing and logged
+  # (train/moe/..., eval/moe/...; drawn by python -m mm_jax.expert_load).
+  t.expert_load = True
   # Gradient accumulation: each step's batch in this many sequential pieces, one update. Same
   # update (the MoE and CTC auxiliary losses become their mean over pieces), less activation
   # memory; every task's batch per data-parallel shard must be a multiple of it.

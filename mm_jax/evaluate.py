@@ -13,6 +13,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mm_jax import cli, decode, losses, metrics, sharding  # noqa: E402
+from mm_jax import expert_load as expert_load_lib  # noqa: E402
+from mm_jax import step as step_lib  # noqa: E402
 from mm_jax.data import pipeline  # noqa: E402
 
 
@@ -29,7 +31,10 @@ class Evaluator:
     self.tasks = {name: run.tasks[name] for name in (tasks or run.tasks)}
     self.mesh = run.mesh
     self.rules = run.rules
+    self.plan = run.plan
     self.signature_of = {t: g.signature for g in run.plan for t in g.tasks}
+    self.task_names = [t for g in run.plan for t in g.tasks]  # the train step's rows
+    self.routing = {}  # the last evaluation's per-task MoE routing sums (expert_load.py)
     self.tokenizer = tokenizer
     self.batches = {name: self._held_out(name) for name in self.tasks}
     self._forward = jax.jit(self._forward_fn, static_argnames="signature")
@@ -52,14 +57,18 @@ class Evaluator:
     )
 
   def _forward_fn(self, params, batch, signature):
-    logits, _ = self.model.apply({"params": params}, batch, signature, train=False)
+    (logits, _), state = self.model.apply(
+      {"params": params}, batch, signature, train=False, mutable=["intermediates"]
+    )
     stats = losses.example_stats(logits, batch["targets"], signature.target_modality, 0.0)
     # The last held-out batch is padded with copies that must not count: a padded language
     # target is all padding (weight 0 already), but a padded class label is a real class.
     stats = {k: v * batch["example_weight"] for k, v in stats.items()}
-    return stats, logits if signature.target_modality == "categorical" else None
+    routing = expert_load_lib.routing_sums(state.get("intermediates", {}))
+    return stats, logits if signature.target_modality == "categorical" else None, routing
 
   def evaluate(self, params, decode: bool = True) -> dict[str, dict[str, float]]:
+    self.routing = {}
     results = {}
     for name, batches in self.batches.items():
       if batches:
@@ -73,9 +82,15 @@ class Evaluator:
     for host_batch in batches:
       arrays = {k: v for k, v in host_batch.items() if not k.startswith("raw_")}
       arrays["example_weight"] = host_batch["raw_valid"].astype(np.float32)
+      if self.config.train.expert_load:  # the MoE layers sum their routing for this task's row
+        row = np.full(len(arrays["example_weight"]), self.task_names.index(name))
+        onehot = np.eye(len(self.task_names), dtype=np.float32)[row]
+        arrays["task_onehot"] = onehot * arrays["example_weight"][:, None]
       with sharding.activate(self.mesh, self.rules):
         batch = sharding.global_batch(arrays, self.mesh)
-        stats, logits = self._forward(params, batch, signature=signature)
+        stats, logits, routing = self._forward(params, batch, signature=signature)
+        for layer, layer_sums in routing.items():
+          self.routing[layer] = expert_load_lib.add(self.routing.get(layer), layer_sums)
         for key in sums:
           sums[key] += float(jnp.sum(stats[key]))
         valid = host_batch["raw_valid"]
@@ -106,6 +121,15 @@ class Evaluator:
     # The trained vocabulary may be smaller than the model's softmax: ids past it never occur
     # as targets, so an untrained model is the only one to emit them. They are dropped.
     return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
+
+  def expert_load(self, results) -> dict[str, float]:
+    """The last evaluation's expert load scalars (expert_load.py) of the tasks in `results`."""
+    scalars = step_lib.expert_load_metrics(self.model, self.plan, self.routing)
+    return {
+      f"eval/{name}": float(value)
+      for name, value in scalars.items()
+      if name.split("/")[2] in results
+    }
 
   @staticmethod
   def flatten(results):

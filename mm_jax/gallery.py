@@ -231,13 +231,19 @@ def build(workdir: str, config=None, examples: int = 3, output_dir: str | None =
     (name, task_entries(trained, predictor, task, examples)) for name, task in trained.tasks.items()
   ]
   title = f"MultiModel gallery: {os.path.abspath(workdir)}, step {trained.step}"
-  output_dir = output_dir or workdir
+  return write_page(
+    output_dir or workdir, "gallery", render_html(title, tasks), render_png(title, tasks)
+  )
+
+
+def write_page(output_dir: str, name: str, page: str, picture) -> tuple[str, str]:
+  """output_dir/NAME.html and NAME.png (a PIL image), the directory made if needed: their paths."""
   os.makedirs(output_dir, exist_ok=True)
-  html_path = os.path.join(output_dir, "gallery.html")
-  png_path = os.path.join(output_dir, "gallery.png")
+  html_path = os.path.join(output_dir, f"{name}.html")
+  png_path = os.path.join(output_dir, f"{name}.png")
   with open(html_path, "w", encoding="utf-8") as f:
-    f.write(render_html(title, tasks))
-  render_png(title, tasks).save(png_path)
+    f.write(page)
+  picture.save(png_path)
   return html_path, png_path
 
 

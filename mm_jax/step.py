@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
+from mm_jax import expert_load as expert_load_lib
 from mm_jax import grouping, losses, optimizer, sharding, validation
 from mm_jax.data import layout
 
@@ -72,8 +73,11 @@ def forward_losses(
   loss_weights=None,
   token_counts=None,
   aux_weight=1.0,
+  expert_load=False,
 ):
-  """Total loss and per-task sums over all groups: the body of both train and eval steps.
+  """Total loss, per-task sums over all groups, the auxiliary loss and, with `expert_load`, the
+  MoE layers' per-task routing sums ({layer: sums}, expert_load.py; else {}): the body of the
+  train step.
 
   Each task adds its per-token mean loss times its weight (config.train.loss_weights, default 1):
   the batch share sets how many examples a task sees, the weight how hard the shared parameters
@@ -83,9 +87,25 @@ def forward_losses(
   """
   loss_weights = loss_weights or {}
   model_batches = {g.name: _model_inputs(batches[g.name]) for g in plan}
+  if expert_load:  # each example's task, for the MoE layers' per-task sums
+    num_tasks = sum(len(g.tasks) for g in plan)
+    for group, offset in zip(plan, task_offsets(plan)):
+      task_index = batches[group.name]["task_index"]
+      model_batches[group.name]["task_onehot"] = expert_load_lib.task_onehot(
+        task_index, offset, num_tasks
+      )
+  routing = {}
+
+  def apply(*args, **kwargs):
+    if not expert_load:
+      return model.apply({"params": params}, *args, **kwargs)
+    out, state = model.apply({"params": params}, *args, mutable=["intermediates"], **kwargs)
+    for layer, sums in expert_load_lib.routing_sums(state.get("intermediates", {})).items():
+      routing[layer] = expert_load_lib.add(routing.get(layer), sums)
+    return out
+
   if model.config.pack_groups:  # one body pass over all groups (packing.py)
-    logits, total_aux = model.apply(
-      {"params": params},
+    logits, total_aux = apply(
       model_batches,
       {g.name: g.signature for g in plan},
       train=train,
@@ -95,8 +115,7 @@ def forward_losses(
   else:
     logits, total_aux = {}, jnp.zeros((), jnp.float32)
     for group_index, group in enumerate(plan):
-      logits[group.name], aux = model.apply(
-        {"params": params},
+      logits[group.name], aux = apply(
         model_batches[group.name],
         group.signature,
         train=train,
@@ -116,7 +135,24 @@ def forward_losses(
       tokens = sums["tokens"] if token_counts is None else token_counts[task]
       total_task_loss += weight * sums["loss"] / jnp.maximum(tokens, 1.0)
   total_aux = aux_weight * total_aux
-  return total_task_loss + total_aux, (per_task, total_aux)
+  return total_task_loss + total_aux, (per_task, total_aux, routing)
+
+
+def task_offsets(plan) -> list[int]:
+  """Each group's first task's row among all the plan's tasks (in group order)."""
+  sizes = [len(g.tasks) for g in plan]
+  return [sum(sizes[:i]) for i in range(len(plan))]
+
+
+def expert_load_metrics(model, plan, routing) -> dict:
+  """The per-task expert load scalars (expert_load.py) of one step's routing sums."""
+  if not routing:
+    return {}
+  names = [t for g in plan for t in g.tasks]
+  language = {t for g in plan if g.signature.target_modality == "language" for t in g.tasks}
+  rows = expert_load_lib.tasks_by_layer(routing, names, language)
+  moe_config = model.config.moe
+  return expert_load_lib.metrics(routing, rows, moe_config.k, moe_config.balance_loss)
 
 
 def inject_nonfinite(grads, step, steps):
@@ -184,12 +220,14 @@ def train_step(
   inject_nonfinite_steps=(),
   microbatches=1,
   flat_optimizer=False,
+  expert_load=False,
 ):
   """One optimizer update from every task group; skipped (and counted) if anything is non-finite.
 
   `microbatches` > 1 (config.train.microbatches) computes the same update in that many
   sequential pieces: less activation memory for the same batch (accumulated_gradients).
   `flat_optimizer` says that `tx` sees the parameters as one vector (config.optimizer.flatten).
+  `expert_load` adds each MoE layer's per-task routing to the metrics (config.train.expert_load).
   """
 
   def loss_fn(params, batches, rng, token_counts=None, aux_weight=1.0):
@@ -205,13 +243,14 @@ def train_step(
       loss_weights=loss_weights,
       token_counts=token_counts,
       aux_weight=aux_weight,
+      expert_load=expert_load,
     )
 
   if microbatches == 1:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (per_task, aux)), grads = grad_fn(state.params, batches, rng)
+    (loss, (per_task, aux, routing)), grads = grad_fn(state.params, batches, rng)
   else:
-    (loss, (per_task, aux)), grads = accumulated_gradients(
+    (loss, (per_task, aux, routing)), grads = accumulated_gradients(
       loss_fn, state.params, batches, plan, rng, microbatches
     )
   grads = inject_nonfinite(grads, state.step, inject_nonfinite_steps)
@@ -240,6 +279,7 @@ def train_step(
     metrics[f"{task}/loss"] = sums["loss"] / tokens
     metrics[f"{task}/log_perplexity"] = sums["nll"] / tokens
     metrics[f"{task}/accuracy"] = sums["correct"] / tokens
+  metrics.update(expert_load_metrics(model, plan, routing))
   return new_state, metrics
 
 
@@ -255,6 +295,7 @@ def jit_train_step(config, model, tx, plan, mesh, state_shardings, batch_shardin
     inject_nonfinite_steps=tuple(config.train.inject_nonfinite_steps),
     microbatches=config.train.microbatches,
     flat_optimizer=optimizer.is_flat(config.optimizer),
+    expert_load=config.train.expert_load,
   )
   return jax.jit(
     step_fn,

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mm_jax import checkpointing, console, grouping, memory, sharding, validation
+from mm_jax import checkpointing, console, grouping, memory, mixture, sharding, validation
 from mm_jax import run as run_lib
 from mm_jax import step as step_lib
 
@@ -138,6 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
   train_iter = pipeline.TrainIterator(config, tasks=run.tasks, read_layout=read_layout)
   pipeline.ensure_prepared(config)
+  if is_chief:  # each task's share of a step, as config.data.mixing sets it
+    print(mixture.describe(config, run.tasks, run.batch_sizes) + "\n", flush=True)
   first = grouping.merge_batches(run.plan, next(train_iter))  # also the first step's batch
   step_lib.check_batch_shapes(first, run.batch_specs, jax.process_count())
   logging.info("first batch read")
@@ -174,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     evaluator = evaluator or evaluate.Evaluator(run, train_iter.tokenizer)
     metrics = evaluator.evaluate(params, decode=step >= num_steps)
     memory.release_freed_memory()  # the evaluation programs' compile scratch
-    writer.write_scalars(step, evaluator.flatten(metrics))
+    writer.write_scalars(step, evaluator.flatten(metrics) | evaluator.expert_load(metrics))
     if is_chief and metrics:
       seconds = time.monotonic() - start
       kind = "decoded" if step >= num_steps else "teacher-forced"

@@ -45,6 +45,8 @@ FIELDS_ADDED_LATER = {
   "data.parse_pos_tags": "keep",
   "data.input_lengths": {},
   "data.target_lengths": {},
+  "data.mixing": {"strategy": "weights", "temperature": 2.0, "max_examples": 0},
+  "train.expert_load": False,
   "mesh_rules": sharding.rules_config(),
 }
 
@@ -193,6 +195,11 @@ FIELD_RULES: dict[str, Rule] = {
   "data.embedded_scale": _choice_of("mm_jax.data.layout", "EMBEDDED_SCALES"),
   "data.global_batch_size": POSITIVE_INT,
   "data.weights.*": NON_NEGATIVE,
+  "data.mixing.strategy": _choice_of("mm_jax.mixture", "STRATEGIES"),
+  "data.mixing.temperature": Rule(
+    lambda v: _finite(v) and v > 0, "a number > 0 (1: by examples; 2 or 3 is usual)"
+  ),
+  "data.mixing.max_examples": Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no cap)"),
   "data.max_text_length": POSITIVE_INT,
   "data.input_lengths.*": POSITIVE_INT,
   "data.target_lengths.*": POSITIVE_INT,
@@ -230,6 +237,7 @@ FIELD_RULES: dict[str, Rule] = {
   "train.max_consecutive_nonfinite": POSITIVE_INT,
   "train.microbatches": POSITIVE_INT,
   "train.fixed_batch": BOOL,
+  "train.expert_load": BOOL,
   "train.inject_nonfinite_steps": Rule(
     lambda v: isinstance(v, tuple | list) and all(_is_int(s) and s >= 0 for s in v),
     "a tuple of step numbers >= 0",

@@ -66,6 +66,7 @@ LONGEST_FIRST = (
   "test_aot.py",
   "test_gallery.py",
   "test_decode.py",
+  "test_mixture.py",
 )
 
 

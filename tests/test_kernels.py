@@ -213,7 +213,7 @@ def test_bfloat16_model_keeps_logits_losses_and_gradients_float32():
   loss_fn = lambda p: step_lib.forward_losses(
     model, p, step_batches, plan, train=True, rng=jax.random.key(3), step=0, label_smoothing=0.1
   )
-  (loss, (per_task, total_aux)), grads = jax.eval_shape(
+  (loss, (per_task, total_aux, _)), grads = jax.eval_shape(
     jax.value_and_grad(loss_fn, has_aux=True), params
   )
   assert loss.dtype == total_aux.dtype == jnp.float32

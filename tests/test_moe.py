@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from scipy.stats import norm
 
-from mm_jax import sharding
+from mm_jax import expert_load, sharding
 from mm_jax.errors import ConfigError
 from mm_jax.models import moe as moe_lib
 from mm_jax.models.moe import MoE, validate_moe_config
@@ -79,6 +79,7 @@ def reference_moe(x, mask, params, *, num_experts, k, group_size, capacity_facto
 
   y = np.zeros_like(x)
   kept = dropped = 0
+  kept_choice = np.zeros((tokens, k))  # the routing decisions: 1 where (token, choice) got a slot
   for start in range(0, tokens, group_size):
     filled = np.zeros(num_experts, int)
     for choice in range(k):  # all first choices of the group before any second choice
@@ -91,6 +92,7 @@ def reference_moe(x, mask, params, *, num_experts, k, group_size, capacity_facto
           continue
         filled[e] += 1
         kept += 1
+        kept_choice[t, choice] = 1
         expert_out = np.maximum(x[t] @ w_in[e], 0) @ w_out[e]
         y[t] += gates[t, choice] * expert_out
 
@@ -119,6 +121,7 @@ def reference_moe(x, mask, params, *, num_experts, k, group_size, capacity_facto
     "z_loss": z_loss,
     "fraction_dropped": dropped / (kept + dropped),
     "expert_load": load / (k * real),
+    "decisions": (top, gates, probs, kept_choice),
     "router_entropy": np.sum(mask * entropy) / real,
     "router_confidence": np.sum(mask * probs.max(-1)) / real,
   }
@@ -164,6 +167,55 @@ def test_matches_float64_reference(num_experts, k, capacity_factor, balance_loss
   np.testing.assert_allclose(sown["z_loss"], ref["z_loss"], rtol=1e-4)
   if capacity_factor < 1.0:
     assert ref["fraction_dropped"] > 0.1  # the case really exercises dropping
+
+
+@pytest.mark.parametrize("balance_loss", ["cv", "switch"])
+def test_per_task_routing_matches_float64_counts_of_the_decisions(balance_loss):
+  """Tokens of three tasks, some padded, a capacity that drops: each task's expert shares,
+  dropped share and balance loss against a float64 count of the reference's routing decisions."""
+  num_experts, k, num_tasks = 8, 2, 3
+  layer = make_layer(num_experts=num_experts, k=k, capacity_factor_train=0.75)
+  layer = layer.clone(balance_loss=balance_loss)
+  x, mask = random_inputs(4, 16, seed=11)
+  params = random_params(layer, x, seed=4)
+  task_of = np.random.default_rng(2).integers(0, num_tasks, size=mask.shape)
+  tasks = np.eye(num_tasks, dtype=np.float32)[task_of]
+  apply = lambda p: layer.apply({"params": p}, x, mask, train=True, tasks=tasks, mutable=True)
+  _, state = jax.jit(apply)(params)
+  (sums,) = state["intermediates"]["task_routing"]
+  names = {f"task{i}": i for i in range(num_tasks)}
+  scalars = expert_load.metrics({"layer": sums}, {"layer": names}, k, balance_loss)
+  ref = reference_moe(
+    x,
+    mask,
+    params,
+    num_experts=num_experts,
+    k=k,
+    group_size=16,
+    capacity_factor=0.75,
+    balance_loss=balance_loss,
+  )
+  top, gates, probs, kept_choice = ref["decisions"]
+  real = mask.reshape(-1) > 0
+  for name, i in names.items():
+    mine = real & (task_of.reshape(-1) == i)
+    assigned, importance = np.zeros(num_experts), np.zeros(num_experts)
+    for t in np.flatnonzero(mine):
+      for choice in range(k):
+        assigned[top[t, choice]] += 1
+        importance[top[t, choice]] += gates[t, choice]
+    shares = [scalars[f"moe/layer/{name}/expert_{e}"] for e in range(num_experts)]
+    np.testing.assert_allclose(shares, assigned / assigned.sum(), rtol=1e-6, atol=1e-7)
+    dropped = 1 - kept_choice[mine].sum() / (k * mine.sum())
+    np.testing.assert_allclose(scalars[f"moe/layer/{name}/dropped"], dropped, atol=1e-6)
+    if balance_loss == "cv":
+      cv2 = lambda v: v.var() / v.mean() ** 2
+      balance = cv2(importance) + cv2(assigned)
+    else:
+      n = mine.sum()
+      balance = num_experts * np.sum(assigned / (k * n) * probs[mine].sum(0) / n)
+    np.testing.assert_allclose(scalars[f"moe/layer/{name}/balance_loss"], balance, rtol=1e-4)
+  assert ref["fraction_dropped"] > 0.1  # the capacity really drops
 
 
 def test_prob_in_top_k_matches_normal_cdf_reference():

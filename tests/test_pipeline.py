@@ -268,7 +268,7 @@ def test_restored_iterator_gives_the_identical_next_batches(tmp_path, tok):
     pipeline.TrainIterator(config, data_parallel=8, tokenizer=tok).set_state(state)
   config.data.seed = 0
   half = pipeline.TrainIterator(config, 0, 2, data_parallel=8, tokenizer=tok)  # 2 processes
-  with pytest.raises(ConfigError, match=r"local batch size\.image_classification: 8 then, 4 now"):
+  with pytest.raises(ConfigError, match=r"process \(index, count\): \[0, 1\] then, \[0, 2\] now"):
     half.set_state(state)
   del state["layout"]  # written before the settings were recorded: not named, still refused
   with pytest.raises(ConfigError, match="not recorded in this checkpoint"):

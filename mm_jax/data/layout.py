@@ -64,11 +64,6 @@ def text_task_names(config) -> list[str]:
   ]
 
 
-def task_weight(config, name: str) -> float:
-  weights = config.data.weights or {}
-  return float(weights.get(name, tasks_lib.TASKS[name].default_weight))
-
-
 def text_length(config, task_name: str, field: str) -> int:
   """Padded length of a task's "inputs" or "targets" text: config.data.max_text_length unless
   config.data.input_lengths / target_lengths name the task (short transcripts need not pay for
@@ -77,25 +72,30 @@ def text_length(config, task_name: str, field: str) -> int:
   return int(overrides.get(task_name, config.data.max_text_length))
 
 
-def task_batch_sizes(config, data_parallel: int) -> dict[str, int]:
-  """Global per-task batch sizes: global_batch_size split by weight, each a multiple of dp."""
-  names = task_names(config)
-  weights = {n: task_weight(config, n) for n in names}
-  for name, w in weights.items():
-    if w <= 0:
+def task_batch_sizes(config, data_parallel: int, counts: dict[str, int] | None = None):
+  """Global per-task batch sizes: global_batch_size split by the mixing strategy's shares
+  (mixture.py), each a multiple of dp. `counts`: training examples per task, if known."""
+  from mm_jax import mixture  # noqa: PLC0415 (mixture reads counts through the pipeline)
+
+  tasks = build_tasks(config)
+  rates = mixture.rates(config, tasks, counts)
+  for name, rate in rates.items():
+    if rate <= 0:
       raise ConfigError(
-        f"config.data.weights.{name}={w}: use a positive weight or drop {name} from data.tasks"
+        f"{mixture.rate_field(config, name)}={rate}: use a positive weight or drop {name} from "
+        "data.tasks"
       )
-  total = sum(weights.values())
+  total = sum(rates.values())
   sizes = {}
-  for name in names:
-    share = config.data.global_batch_size * weights[name] / total
+  for name in tasks:
+    share = config.data.global_batch_size * rates[name] / total
     size = int(round(share / data_parallel)) * data_parallel
     if size <= 0:
-      need = int(np.ceil(data_parallel * total / weights[name]))
+      need = int(np.ceil(data_parallel * total / rates[name]))
       raise ConfigError(
-        f"config.data.weights.{name} gives {name} {share:.2f} examples per step, fewer than the "
-        f"data-parallel degree {data_parallel}: set config.data.global_batch_size >= {need}"
+        f"{mixture.rate_field(config, name)} gives {name} {share:.2f} examples per step, fewer "
+        f"than the data-parallel degree {data_parallel}: set config.data.global_batch_size >= "
+        f"{need}"
       )
     sizes[name] = size
   return sizes
@@ -153,44 +153,75 @@ def num_mel_bins(config) -> int:
   return int(config.model.audio_num_mel_bins)
 
 
+# The fields of config.data that set only how the tasks share a step: a saved data position,
+# counted in examples per task, continues under any of their values.
+MIXING_FIELDS = ("weights", "mixing", "global_batch_size")
+
+
 class ReadLayout:
-  """What a saved data position depends on: the data config (not where the data lives), each
-  task's process-local batch size, and which process of how many reads. A position saved under
-  another layout is no position here."""
+  """What a saved data position depends on: the data config (not where the data lives, nor the
+  mixture) and which process of how many reads. A position saved under another layout is no
+  position here. Positions count examples per task, so a resumed run may change the mixture:
+  each task's reader skips the examples it had consumed and batches the rest at its new size."""
 
   def __init__(self, config, batch_sizes: dict[str, int], process_index: int, process_count: int):
     self.config, self.batch_sizes = config, batch_sizes
     self.process_index, self.process_count = process_index, process_count
 
-  def _data_settings(self) -> dict:
-    return {k: v for k, v in self.config.data.to_dict().items() if k != "data_dir"}
+  def _data_settings(self, without=("data_dir", *MIXING_FIELDS)) -> dict:
+    return {k: v for k, v in self.config.data.to_dict().items() if k not in without}
 
   def fingerprint(self) -> str:
-    settings = [self._data_settings(), self.batch_sizes, self.process_index, self.process_count]
-    return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+    return _digest([self._data_settings(), self.process_index, self.process_count])
+
+  def _batches_fingerprint(self) -> str:
+    """Positions counted in batches (state version 1) continue only the mixture that wrote them."""
+    settings = [self._data_settings(("data_dir", "mixing")), self.batch_sizes]
+    return _digest([*settings, self.process_index, self.process_count])
 
   def describe(self) -> dict:
     """The same, by name: a mismatch can then say what changed."""
-    layout = {"config.data": self._data_settings(), "local batch size": self.batch_sizes}
+    layout = {"config.data": self._data_settings()}
     layout["process (index, count)"] = [self.process_index, self.process_count]
     return json.loads(json.dumps(layout, default=str))
 
+  def examples_consumed(self, state: dict) -> dict[str, int]:
+    """Per task, the examples a reader of `state` had consumed (ConfigError unless `check`)."""
+    self.check(state)
+    if "examples" in state:
+      return {name: int(n) for name, n in state["examples"].items()}
+    return {name: int(n) * self.batch_sizes[name] for name, n in state["batches"].items()}
+
   def check(self, state: dict) -> None:
     """Raises ConfigError (one line) unless a reader of this layout can continue from `state`."""
-    same_tasks = set(state["batches"]) == set(self.batch_sizes)
-    if state.get("fingerprint") == self.fingerprint() and same_tasks:
+    counted_in_examples = "examples" in state
+    fingerprint = self.fingerprint() if counted_in_examples else self._batches_fingerprint()
+    positions = state["examples"] if counted_in_examples else state["batches"]
+    if state.get("fingerprint") == fingerprint and set(positions) == set(self.batch_sizes):
       return
     saved, here = (flatten_dict(x, sep=".") for x in (state.get("layout", {}), self.describe()))
-    changed = [k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)]
-    named = (
-      ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
-      if saved
-      else "data config, batch sizes or process layout (not recorded in this checkpoint)"
-    )
+    keys = [k for k in sorted(saved.keys() | here.keys()) if not _is_mixing(k)]
+    changed = [k for k in keys if saved.get(k) != here.get(k)]
+    if not saved:
+      named = "data config, batch sizes or process layout (not recorded in this checkpoint)"
+    elif changed:
+      named = ", ".join(f"{k}: {saved.get(k)!r} then, {here.get(k)!r} now" for k in changed[:3])
+    else:
+      named = "the mixture: a position counted in batches continues only the mixture that wrote it"
     raise ConfigError(
       f"the checkpoint's data position was saved with other data settings ({named}): resume "
       "with the config.data, mesh and process count that wrote it, or use a new --workdir"
     )
+
+
+def _is_mixing(key: str) -> bool:
+  """A flattened layout key that names the mixture (version 1 layouts held the batch sizes)."""
+  fields = ("local batch size", *(f"config.data.{field}" for field in MIXING_FIELDS))
+  return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def _digest(settings) -> str:
+  return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
 
 
 def read_layout(config, data_parallel: int, process_index: int, process_count: int) -> ReadLayout:

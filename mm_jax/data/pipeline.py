@@ -8,8 +8,9 @@ TrainIterator.counters() exposes the latest per task. Records that fail to decod
 per-record `ignore_errors` (a failing reader stays fatal) and counted as errors.
 
 The pipeline is a pure function of (config, seed, process), so iterator state is the number of
-batches consumed per task: a resumed iterator replays the same pipeline and skips that many
-batches, giving exactly the batches the first run would have seen next.
+examples consumed per task: a resumed iterator replays the same pipeline, skips that many examples
+and batches the rest, giving exactly the batches the first run would have seen next, or, under a
+changed mixture (mm_jax/mixture.py), the same examples in batches of the new size.
 """
 
 import zlib
@@ -333,9 +334,10 @@ def train_dataset(
   *,
   process_index: int = 0,
   process_count: int = 1,
-  skip_batches: int = 0,
+  skip_examples: int = 0,
 ) -> tf.data.Dataset:
-  """Endless, seeded, host-sharded batches of static shape; `_stats` rides along."""
+  """Endless, seeded, host-sharded batches of static shape; `_stats` rides along. The first
+  `skip_examples` kept examples are read and passed over (a resumed position)."""
   seed = _task_seed(config, task.name, process_index)
   raw = read_split(
     config,
@@ -349,9 +351,9 @@ def train_dataset(
   raw = raw.shuffle(_shuffle_buffer(config, task), seed=seed, reshuffle_each_iteration=True)
   ds = examples(config, task, tokenizer, raw.repeat(), seed=seed)
   ds = ds.map(_as_written(lambda ex: {k: v for k, v in ex.items() if not k.startswith("raw_")}))
+  if skip_examples:
+    ds = ds.skip(skip_examples)
   ds = ds.batch(batch_size, drop_remainder=True)
-  if skip_batches:
-    ds = ds.skip(skip_batches)
   return ds.prefetch(_AUTOTUNE)
 
 
@@ -406,7 +408,8 @@ class TrainIterator:
     self.process_index, self.process_count = read_layout.process_index, read_layout.process_count
     self.batch_sizes = self.layout.batch_sizes
     self._tokenizer = tokenizer
-    self._consumed = {name: 0 for name in self.tasks}
+    self._consumed = {name: 0 for name in self.tasks}  # examples
+    self._batches = {name: 0 for name in self.tasks}
     self._counters = {name: dict.fromkeys(STATS, 0) for name in self.tasks}
     self._iterators: dict[str, Iterator] | None = None
 
@@ -426,7 +429,7 @@ class TrainIterator:
         self.batch_sizes[name],
         process_index=self.process_index,
         process_count=self.process_count,
-        skip_batches=self._consumed[name],
+        skip_examples=self._consumed[name],
       ).as_numpy_iterator()
       for name, task in self.tasks.items()
     }
@@ -440,7 +443,8 @@ class TrainIterator:
     step = {}
     for name, iterator in self._iterators.items():
       step[name], self._counters[name] = _split_stats(next(iterator))
-      self._consumed[name] += 1
+      self._consumed[name] += self.batch_sizes[name]
+      self._batches[name] += 1
     return step
 
   def counters(self) -> dict[str, dict[str, int]]:
@@ -449,16 +453,17 @@ class TrainIterator:
 
   def get_state(self) -> dict:
     return {
-      "version": 1,
+      "version": 2,
       "fingerprint": self.layout.fingerprint(),
       "layout": self.layout.describe(),  # names what changed when a resume does not match
-      "batches": dict(self._consumed),
+      "examples": dict(self._consumed),  # the position: what a resumed reader skips
+      "batches": dict(self._batches),  # batches read, at whatever sizes they had
       "counters": self.counters(),
     }
 
   def set_state(self, state: dict) -> None:
-    self.layout.check(state)
-    self._consumed = {name: int(n) for name, n in state["batches"].items()}
+    self._consumed = self.layout.examples_consumed(state)
+    self._batches = {name: int(n) for name, n in state["batches"].items()}
     self._counters = {name: dict(c) for name, c in state.get("counters", {}).items()}
     self._iterators = None
 

@@ -15,8 +15,8 @@ class DenseFFN(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *, train: bool = False):
-    del mask, train  # Position-wise: padding cannot leak, and there is no noise.
+  def __call__(self, x, mask=None, *, train: bool = False, tasks=None):
+    del mask, train, tasks  # Position-wise: padding cannot leak, no noise, nothing routed.
     d = x.shape[-1]
     init = nn.initializers.lecun_normal()
     w_in = self.param(

@@ -204,11 +204,38 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_std, k: int):
 
 
 def cv_squared(values):
-  """Squared coefficient of variation; zero for a single expert."""
+  """Squared coefficient of variation over the last axis; zero for a single expert."""
   if values.shape[-1] == 1:
-    return jnp.zeros((), values.dtype)
-  mean = jnp.mean(values)
-  return jnp.mean(jnp.square(values - mean)) / (jnp.square(mean) + 1e-10)
+    return jnp.zeros(values.shape[:-1], values.dtype)
+  mean = jnp.mean(values, axis=-1, keepdims=True)
+  return jnp.mean(jnp.square(values - mean), axis=-1) / (jnp.square(mean[..., 0]) + 1e-10)
+
+
+def token_routing(logits, routing: Routing, num_experts: int, load=None) -> dict:
+  """Per token and expert [T, E], what the balance losses sum over tokens: "assigned" (1 where
+  the expert is among the token's top k), "gate" (the token's gate there), "load" (the smooth
+  probability of being in the top k, or "assigned" without noise) and "prob" (the router's
+  softmax). Rows of tokens that are not routed are zero."""
+  mask = routing.mask[:, None]
+  chosen = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
+  assigned = jnp.sum(chosen, axis=1) * mask
+  return {
+    "assigned": assigned,
+    "gate": jnp.einsum("tk,tke->te", routing.gates, chosen) * mask,
+    "load": assigned if load is None else load * mask,
+    "prob": jax.nn.softmax(logits, axis=-1) * mask,
+  }
+
+
+def balance_from_sums(sums: dict, tokens, k: int, balance_loss: str):
+  """The balance loss of some tokens from token_routing's sums over them ([..., E]) and their
+  number (`tokens`, [...]): the layer's loss over all its tokens, or one task's over its own."""
+  if balance_loss == "cv":
+    return cv_squared(sums["gate"]) + cv_squared(sums["load"])
+  # "switch": E * sum_e (fraction of assignments to e) * (mean router probability of e)
+  real = jnp.maximum(tokens, 1.0)[..., None]
+  num_experts = sums["prob"].shape[-1]
+  return num_experts * jnp.sum(sums["assigned"] / (k * real) * sums["prob"] / real, axis=-1)
 
 
 def router_losses(logits, routing: Routing, num_experts: int, balance_loss: str, load=None):
@@ -217,28 +244,40 @@ def router_losses(logits, routing: Routing, num_experts: int, balance_loss: str,
   `logits` [T, E] are the ones routing used; `load` [T, E] is the smooth probability of being in
   the top k (noise on) or None for hard counts.
   """
-  mask = routing.mask[:, None]
   real = jnp.maximum(jnp.sum(routing.mask), 1.0)
-  chosen = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)  # [T, k, E]
-  assigned = jnp.sum(chosen, axis=1) * mask  # [T, E] hard top-k membership
   k = routing.expert_index.shape[-1]
-  probs = jax.nn.softmax(logits, axis=-1)
-  if balance_loss == "cv":
-    importance = jnp.sum(jnp.einsum("tk,tke->te", routing.gates, chosen) * mask, axis=0)
-    load = jnp.sum(assigned if load is None else load * mask, axis=0)
-    balance = cv_squared(importance) + cv_squared(load)
-  else:  # "switch": E * sum_e (fraction of assignments to e) * (mean router probability of e)
-    fraction = jnp.sum(assigned, axis=0) / (k * real)
-    mean_prob = jnp.sum(probs * mask, axis=0) / real
-    balance = num_experts * jnp.sum(fraction * mean_prob)
+  sums = {
+    name: jnp.sum(v, axis=0)
+    for name, v in token_routing(logits, routing, num_experts, load).items()
+  }
+  balance = balance_from_sums(sums, real, k, balance_loss)
   z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * routing.mask) / real
+  probs = jax.nn.softmax(logits, axis=-1)
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
   stats = {
-    "expert_load": jnp.sum(assigned, axis=0) / (k * real),
+    "expert_load": sums["assigned"] / (k * real),
     "router_entropy": jnp.sum(entropy * routing.mask) / real,
     "router_confidence": jnp.sum(jnp.max(probs, axis=-1) * routing.mask) / real,
   }
   return balance, z_loss, stats
+
+
+def task_routing_sums(tasks, logits, routing: Routing, kept, num_experts: int, load=None) -> dict:
+  """Per task, sums over its routed tokens: token_routing's [num_tasks, E], "kept" [num_tasks, E]
+  (assignments that reached their expert) and "tokens" [num_tasks].
+
+  `tasks` [T, num_tasks] is each token's task, one-hot; `kept` [T, k] marks the token's
+  assignments that got an expert's slot. Sums add up over microbatches and routing groups, so the
+  shares and per-task losses follow from them wherever the tokens were split.
+  """
+  tasks = tasks.astype(jnp.float32) * routing.mask[:, None]
+  per_token = token_routing(logits, routing, num_experts, load)
+  chosen = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)
+  per_token["kept"] = jnp.einsum("tk,tke->te", kept.astype(jnp.float32), chosen)
+  exact = jax.lax.Precision.HIGHEST  # counts: no bfloat16 passes on accelerators
+  sums = {name: jnp.einsum("tn,te->ne", tasks, v, precision=exact) for name, v in per_token.items()}
+  sums["tokens"] = jnp.sum(tasks, axis=0)
+  return sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +538,10 @@ class MoE(nn.Module):
     return cls(**fields, dtype=jnp.dtype(dtype), **kwargs)
 
   @nn.compact
-  def __call__(self, x, mask=None, *, train: bool = False):
+  def __call__(self, x, mask=None, *, train: bool = False, tasks=None):
+    """x [batch, length, d] -> (y, aux loss). `tasks` [batch, length, num_tasks] (optional) is
+    each token's task, one-hot: the layer then sows its routing per task ("task_routing",
+    task_routing_sums) beside its other statistics, from the same routing decisions."""
     layout = Layout.current()
     mesh_shape = dict(layout.mesh.shape) if layout.mesh is not None else {}
     validate_moe_config(self, mesh_shape, layout.expert)
@@ -549,6 +591,7 @@ class MoE(nn.Module):
       routing = Routing(index.reshape(batch, length, -1), gates.reshape(batch, length, -1), mask)
       y = dropless_experts(x, routing, w_in, w_out, layout, dtype)
       fraction_dropped = jnp.zeros((), jnp.float32)
+      kept = jnp.ones(index.shape, jnp.float32)
     else:
       factor = self.capacity_factor_train if train else self.capacity_factor_eval
       group_ways = _ways(layout.mesh, layout.group)
@@ -565,6 +608,11 @@ class MoE(nn.Module):
       assignments = jnp.maximum(jnp.sum(routing.mask) * self.k, 1.0)
       fraction_dropped = 1.0 - jnp.sum(kept * routing.mask[..., None]) / assignments
       y = y.reshape(batch, length, d)
+      kept = kept.reshape(-1, self.k)
+    if tasks is not None:
+      flat_tasks = tasks.reshape(batch * length, -1)
+      sums = task_routing_sums(flat_tasks, logits, flat_routing, kept, num_experts, load)
+      self.sow("intermediates", "task_routing", sums)
     y = _constrain(y.astype(x.dtype), layout.mesh, layout.batch, (), layout.embed)
 
     aux_loss = self.balance_coef * balance + self.z_loss_coef * z_loss

@@ -98,8 +98,8 @@ class FFNLayer(nn.Module):
     self.dropout = nn.Dropout(self.config.dropout)
     self.norm = LayerNorm()
 
-  def __call__(self, x, mask, *, train: bool):
-    y, aux = self.ffn(x, mask, train=train)
+  def __call__(self, x, mask, *, train: bool, tasks=None):
+    y, aux = self.ffn(x, mask, train=train, tasks=tasks)
     x = self.norm(x + self.dropout(y, deterministic=not train))
     return nn.with_logical_constraint(x, EMBED_AXES), aux
 
@@ -116,15 +116,15 @@ class Encoder(nn.Module):
     self.ffn = FFNLayer(c)
     self.after = [block() for _ in range(c.encoder_blocks_after_ffn)]
 
-  def __call__(self, x, mask, *, train: bool, packing=None):
-    """`packing` (packing.Packing): x [rows, tokens, d] holds several groups' sequences."""
+  def __call__(self, x, mask, *, train: bool, packing=None, tasks=None):
+    """`packing` (packing.Packing): x [rows, tokens, d] holds several groups' sequences.
+    `tasks` (token_tasks): each token's task, for the MoE's per-task statistics."""
     c = self.config
     x = nn.with_logical_constraint(add_timing_signal(x, packing), EMBED_AXES)
     conv = remat(lambda block, x, mask: block(x, mask, train=train, packing=packing), c, train)
-    ffn = remat(lambda layer, x, mask: layer(x, mask, train=train), c, train)
     for block in self.before:
       x = conv(block, x, mask)
-    x, aux = ffn(self.ffn, x, mask)
+    x, aux = _ffn(self.ffn, x, mask, tasks, c, train)
     for block in self.after:
       x = conv(block, x, mask)
     return zero_padding(x, mask), aux
@@ -207,19 +207,40 @@ class Decoder(nn.Module):
     self.ffn = FFNLayer(c)
     self.after = [DecoderLayer(c) for _ in range(c.decoder_blocks_after_ffn)]
 
-  def __call__(self, x, mask, memory, memory_mask, *, train: bool, timing=None, packing=None):
+  def __call__(
+    self, x, mask, memory, memory_mask, *, train: bool, timing=None, packing=None, tasks=None
+  ):
     c = self.config
     run = lambda layer, x, memory, memory_mask, timing: layer(
       x, memory, memory_mask, train=train, timing=timing, packing=packing
     )
     run = remat(run, c, train)
-    ffn = remat(lambda layer, x, mask: layer(x, mask, train=train), c, train)
     for layer in self.before:
       x = run(layer, x, memory, memory_mask, timing)
-    x, aux = ffn(self.ffn, x, mask)
+    x, aux = _ffn(self.ffn, x, mask, tasks, c, train)
     for layer in self.after:
       x = run(layer, x, memory, memory_mask, timing)
     return x, aux
+
+
+def _ffn(layer, x, mask, tasks, config, train: bool):
+  """An FFNLayer under config.model.remat."""
+  call = lambda layer, x, mask, tasks: layer(x, mask, train=train, tasks=tasks)
+  return remat(call, config, train)(layer, x, mask, tasks)
+
+
+def token_tasks(task_onehot, mask):
+  """Each example's task, one-hot [B, num_tasks] (or None), as each real token's [B, L, ...]."""
+  if task_onehot is None:
+    return None
+  return task_onehot[:, None, :].astype(jnp.float32) * mask[..., None].astype(jnp.float32)
+
+
+def _packed_tasks(packing, onehots, masks):
+  """token_tasks of every packed group, packed; None unless every group has its tasks."""
+  if any(onehot is None for onehot in onehots):
+    return None
+  return packing.pack([token_tasks(onehot, mask) for onehot, mask in zip(onehots, masks)])
 
 
 class CategoricalTops(nn.Module):
@@ -244,6 +265,10 @@ class MultiModel(nn.Module):
 
   Initialise with `method=MultiModel.all_tasks` on one batch per task, so that every modality net
   the mixture uses gets parameters (a single task's batch only creates its own nets).
+
+  A batch may carry "task_onehot" [B, num_tasks], each example's task among the run's: the MoE
+  layers then sow how each task's tokens were routed (moe.task_routing_sums) into
+  "intermediates". Nothing else reads it.
   """
 
   config: Any
@@ -277,16 +302,27 @@ class MultiModel(nn.Module):
 
   def encode(self, batch: Mapping[str, Any], signature: TaskSignature, *, train: bool):
     x, mask = self.embed_inputs(batch, signature)
-    x, aux = self.encoder(x, mask, train=train)
+    tasks = token_tasks(batch.get("task_onehot"), mask)
+    x, aux = self.encoder(x, mask, train=train, tasks=tasks)
     return x, mask, aux
 
   def decode(
-    self, encoded, encoded_mask, targets, target_space, signature, *, train: bool, target_mask=None
+    self,
+    encoded,
+    encoded_mask,
+    targets,
+    target_space,
+    signature,
+    *,
+    train: bool,
+    target_mask=None,
+    task_onehot=None,
   ):
     """Logits [B, L_out, vocab] teacher-forced on `targets`, or [B, classes] for categorical.
 
     `target_mask` [B, L_out] (default: targets != 0) marks the positions the MoE routes; decoding
-    passes ones, since the position being predicted has no target yet.
+    passes ones, since the position being predicted has no target yet. `task_onehot`: see the
+    class docstring.
     """
     if signature.target_modality == "categorical":
       grid = sequence_grid(encoded.shape[1], signature.input_modality)
@@ -296,7 +332,8 @@ class MultiModel(nn.Module):
     x = self.mixer(shifted, encoded, encoded_mask, train=train)
     if target_mask is None:
       target_mask = (targets != 0).astype(jnp.float32)
-    x, aux = self.decoder(x, target_mask, encoded, encoded_mask, train=train)
+    tasks = token_tasks(task_onehot, target_mask)
+    x, aux = self.decoder(x, target_mask, encoded, encoded_mask, train=train, tasks=tasks)
     return self.language.logits(x), aux
 
   def shifted_targets(self, targets, target_space, dtype):
@@ -324,7 +361,13 @@ class MultiModel(nn.Module):
     # Categorical targets have no decoder, so their batches need no target_space.
     target_space = batch["target_space"] if signature.target_modality == "language" else None
     logits, dec_aux = self.decode(
-      encoded, mask, batch["targets"], target_space, signature, train=train
+      encoded,
+      mask,
+      batch["targets"],
+      target_space,
+      signature,
+      train=train,
+      task_onehot=batch.get("task_onehot"),
     )
     aux = enc_aux + dec_aux + self.auxiliary_ctc(encoded, mask, batch["targets"], signature)
     return logits, aux.astype(jnp.float32)
@@ -345,11 +388,13 @@ class MultiModel(nn.Module):
     names = list(batches)
     embedded = {n: self.embed_inputs(batches[n], signatures[n]) for n in names}
     inputs = Packing.of([embedded[n][0].shape[:2] for n in names])
+    onehots = [batches[n].get("task_onehot") for n in names]
     x, aux = self.encoder(
       inputs.pack([embedded[n][0] for n in names]),
       inputs.pack([embedded[n][1] for n in names]),
       train=train,
       packing=inputs,
+      tasks=_packed_tasks(inputs, onehots, [embedded[n][1] for n in names]),
     )
     encoded = dict(zip(names, inputs.unpack(x)))
     masks = {n: embedded[n][1] for n in names}
@@ -373,8 +418,13 @@ class MultiModel(nn.Module):
       y = self.mixer(
         targets_packing.pack(shifted), memory, memory_mask, train=train, packing=packing
       )
-      target_mask = targets_packing.pack([(t != 0).astype(jnp.float32) for t in targets])
-      y, dec_aux = self.decoder(y, target_mask, memory, memory_mask, train=train, packing=packing)
+      target_masks = [(t != 0).astype(jnp.float32) for t in targets]
+      target_mask = targets_packing.pack(target_masks)
+      onehots = [batches[n].get("task_onehot") for n in sequences]
+      tasks = _packed_tasks(targets_packing, onehots, target_masks)
+      y, dec_aux = self.decoder(
+        y, target_mask, memory, memory_mask, train=train, packing=packing, tasks=tasks
+      )
       aux += dec_aux
       # The softmax runs per group: a group's logits cut out of the packed [rows, tokens, vocab]
       # are a strided view, and XLA:CPU's loops over such views (the loss's exp and max) ran
