@@ -74,13 +74,13 @@ def base_config(config_arg: str, overrides=()):
 
 def plan_runs(config_arg: str, steps: int, overrides=()) -> dict[str, list[str]]:
   """Run name -> the trainer's config flags, in the order they run."""
-  from mm_jax.data import layout
+  from mm_jax import mixture
 
   config, variant = base_config(config_arg, overrides)
   parts = [p for p in (variant or "default").split(",") if p]
   size, modifiers = parts[0], [p for p in parts[1:] if not p.startswith("tasks=")]
   tasks = [t for t in config.data.tasks.split(",") if t]
-  shares = layout.task_batch_sizes(config, data_parallel=1)
+  shares = mixture.task_batch_sizes(config, data_parallel=1)
   path = config_arg.partition(":")[0]
   # Not scaled with the budget: the classifier head needs the default's long warm-up (the config
   # says why). 300 steps with a 56-step warm-up left the full model's digits at chance, joint and

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mm_jax import pages
 from mm_jax.models import moe
 
 TAG = "task_routing"  # what the MoE layer sows its per-task sums as
@@ -250,11 +251,9 @@ def render_png(title: str, layers: list[Layer]):
 def build(workdir: str, split: str = "train", output_dir: str | None = None):
   """Writes expert_load.html and expert_load.png; returns their paths."""
   step, layers = read_events(workdir, split)
-  from mm_jax import gallery  # noqa: PLC0415 (it loads the predictor's modules)
-
   title = f"Expert load per task ({split}, step {step}): {os.path.abspath(workdir)}"
   page, picture = render_html(title, layers), render_png(title, layers)
-  return gallery.write_page(output_dir or workdir, "expert_load", page, picture)
+  return pages.write_page(output_dir or workdir, "expert_load", page, picture)
 
 
 def main(argv):

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from mm_jax import predict
+from mm_jax.pages import write_page
 
 # One colour per task's heading band (the screenshot test finds each task by its colour).
 TASK_COLOURS = (
@@ -234,17 +235,6 @@ def build(workdir: str, config=None, examples: int = 3, output_dir: str | None =
   return write_page(
     output_dir or workdir, "gallery", render_html(title, tasks), render_png(title, tasks)
   )
-
-
-def write_page(output_dir: str, name: str, page: str, picture) -> tuple[str, str]:
-  """output_dir/NAME.html and NAME.png (a PIL image), the directory made if needed: their paths."""
-  os.makedirs(output_dir, exist_ok=True)
-  html_path = os.path.join(output_dir, f"{name}.html")
-  png_path = os.path.join(output_dir, f"{name}.png")
-  with open(html_path, "w", encoding="utf-8") as f:
-    f.write(page)
-  picture.save(png_path)
-  return html_path, png_path
 
 
 def main(argv, values=None):

@@ -1,7 +1,7 @@
 """How the tasks share a step: the mixing strategies of config.data.mixing.
 
 Every step holds one batch of every task; a strategy sets each task's share of the step's
-config.data.global_batch_size (layout.task_batch_sizes rounds the shares to whole examples):
+config.data.global_batch_size (task_batch_sizes rounds the shares to whole examples):
 
   "weights"      share ∝ config.data.weights[task]
   "examples"     share ∝ nᵢ, each task's number of training examples, capped at
@@ -18,6 +18,11 @@ A run may resume under another mixture: the data position is counted in examples
 """
 
 import functools
+
+import numpy as np
+
+from mm_jax.data import layout
+from mm_jax.errors import ConfigError
 
 STRATEGIES = ("weights", "examples", "temperature")
 
@@ -57,13 +62,50 @@ def rate_field(config, name: str) -> str:
   return f"config.data.mixing.strategy={strategy(config)!r} ({name}'s training examples)"
 
 
+def task_batch_sizes(config, data_parallel: int, counts: dict[str, int] | None = None):
+  """Global per-task batch sizes: global_batch_size split by the mixing strategy's shares
+  (mixture.py), each a multiple of dp. `counts`: training examples per task, if known."""
+  tasks = layout.build_tasks(config)
+  task_rates = rates(config, tasks, counts)
+  for name, rate in task_rates.items():
+    if rate <= 0:
+      raise ConfigError(
+        f"{rate_field(config, name)}={rate}: use a positive weight or drop {name} from data.tasks"
+      )
+  total = sum(task_rates.values())
+  sizes = {}
+  for name in tasks:
+    share = config.data.global_batch_size * task_rates[name] / total
+    size = int(round(share / data_parallel)) * data_parallel
+    if size <= 0:
+      need = int(np.ceil(data_parallel * total / task_rates[name]))
+      raise ConfigError(
+        f"{rate_field(config, name)} gives {name} {share:.2f} examples per step, fewer "
+        f"than the data-parallel degree {data_parallel}: set config.data.global_batch_size >= "
+        f"{need}"
+      )
+    sizes[name] = size
+  return sizes
+
+
+def local_batch_sizes(config, data_parallel: int, process_count: int) -> dict[str, int]:
+  sizes = task_batch_sizes(config, data_parallel)
+  for name, size in sizes.items():
+    if size % process_count:
+      raise ConfigError(
+        f"task {name} batch {size} does not split over {process_count} processes: make "
+        "config.data.global_batch_size a multiple of the process count times the task count"
+      )
+  return {name: size // process_count for name, size in sizes.items()}
+
+
 def example_counts(config, tasks: dict) -> dict[str, int]:
   """Training examples per task, from the prepared datasets' metadata (TensorFlow is imported,
   and the embedded mixture built if it is not yet)."""
-  from mm_jax.data import pipeline  # noqa: PLC0415 (TensorFlow: only when counts are needed)
+  from mm_jax.data import prepare  # noqa: PLC0415 (TensorFlow: only when counts are needed)
 
-  pipeline.ensure_prepared(config)
-  data_dir = pipeline.tfds_data_dir(config)
+  prepare.ensure_prepared(config)
+  data_dir = layout.tfds_data_dir(config)
   return {
     name: _split_size(data_dir, task.source.tfds_name, task.source.train_split)
     for name, task in tasks.items()

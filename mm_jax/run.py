@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from mm_jax import optimizer, sharding, step, validation
+from mm_jax import mixture, optimizer, sharding, step, validation
 from mm_jax.data import layout
 from mm_jax.models.multimodel import MultiModel
 
@@ -81,7 +81,12 @@ class Run:
 
   def read_layout(self, process_index: int, process_count: int) -> layout.ReadLayout:
     """What this process reads each step (and which saved data positions it can continue)."""
-    return layout.read_layout(self.config, self.data_parallel, process_index, process_count)
+    return layout.read_layout(
+      self.config,
+      mixture.local_batch_sizes(self.config, self.data_parallel, process_count),
+      process_index,
+      process_count,
+    )
 
 
 def with_shardings(tree, shardings):
@@ -134,7 +139,7 @@ def build(
   tasks = layout.build_tasks(config)
   data_parallel = sharding.data_parallel_size(mesh)
   if rows_per_shard is None:
-    batch_sizes = layout.task_batch_sizes(config, data_parallel)
+    batch_sizes = mixture.task_batch_sizes(config, data_parallel)
   else:
     batch_sizes = dict.fromkeys(tasks, rows_per_shard * data_parallel)
   plan, batch_specs = step.step_batch_specs(config, tasks, batch_sizes)

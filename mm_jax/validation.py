@@ -367,7 +367,8 @@ def _validate_optimizer(o, mesh, rules):
 
 
 def _validate_data(config, mesh):
-  from mm_jax.data import layout, tasks
+  from mm_jax import mixture
+  from mm_jax.data import tasks
 
   d = config.data
   names = [t for t in str(d.tasks).split(",") if t]
@@ -388,7 +389,7 @@ def _validate_data(config, mesh):
       name in known, f"config.train.loss_weights names unknown task {name!r}: use some of {known}"
     )
   data_parallel = mesh["data"] * mesh["expert"]
-  sizes = layout.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
+  sizes = mixture.task_batch_sizes(config, data_parallel)  # raises ConfigError on a bad split
   microbatches = config.train.microbatches
   for name, size in sizes.items():
     per_shard = size // data_parallel

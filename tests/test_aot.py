@@ -6,7 +6,7 @@ import pytest
 import short_kernels  # noqa: E402
 
 from configs import multimodel as multimodel_config  # noqa: E402
-from mm_jax import aot, grouping  # noqa: E402
+from mm_jax import aot, grouping, mixture  # noqa: E402
 from mm_jax.data import layout, pipeline  # noqa: E402
 
 # Hand-written post-optimisation HLO: an async all-reduce of 2 arrays, an all-gather-start whose
@@ -87,7 +87,7 @@ def test_batch_specs_match_what_the_pipeline_yields(tiny_data_dir):
   config = multimodel_config.get_config(f"tiny,tasks={tasks_arg}")
   config.data.data_dir = str(tiny_data_dir)
   batch = next(pipeline.TrainIterator(config, data_parallel=8))
-  sizes = layout.task_batch_sizes(config, 8)
+  sizes = mixture.task_batch_sizes(config, 8)
   for name, task in layout.build_tasks(config).items():
     specs = grouping.batch_specs(layout.example_shapes(config, task), sizes[name])
     real = {k: (v.shape, v.dtype) for k, v in batch[name].items()}

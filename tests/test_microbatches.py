@@ -10,7 +10,7 @@ import pytest
 import short_kernels
 
 from configs.multimodel import get_config
-from mm_jax import aot, grouping, run, sharding, validation
+from mm_jax import aot, grouping, mixture, run, sharding, validation
 from mm_jax import step as step_lib
 from mm_jax.data import layout, pipeline
 from mm_jax.errors import ConfigError
@@ -45,7 +45,7 @@ def real_batch(tiny_data_dir):
   config = config_with(tiny_data_dir, 1)
   pipeline.ensure_prepared(config)
   tasks = layout.build_tasks(config)
-  plan, specs = step_lib.step_batch_specs(config, tasks, layout.task_batch_sizes(config, 8))
+  plan, specs = step_lib.step_batch_specs(config, tasks, mixture.task_batch_sizes(config, 8))
   first = next(pipeline.TrainIterator(config, data_parallel=8))
   return plan, specs, grouping.merge_batches(plan, first)
 

@@ -53,7 +53,7 @@ def test_shares_and_batch_sizes_match_hand_computation(case):
   tasks = layout.build_tasks(config)
   shares = mixture.shares(config, tasks, counts)
   np.testing.assert_allclose([shares[t] for t in TASKS], expected, rtol=1e-12)
-  sizes = layout.task_batch_sizes(config, 1, counts)
+  sizes = mixture.task_batch_sizes(config, 1, counts)
   assert [sizes[t] for t in TASKS] == [round(global_batch * s) for s in expected]
 
 
@@ -70,7 +70,7 @@ def test_table_shows_examples_share_and_examples_per_step():
 def test_a_share_below_one_example_names_the_strategy():
   config = _config("examples", 8)
   with pytest.raises(ConfigError, match=r"strategy='examples' \(image_classification's"):
-    layout.task_batch_sizes(config, 1, COUNTS)
+    mixture.task_batch_sizes(config, 1, COUNTS)
 
 
 @pytest.mark.parametrize(

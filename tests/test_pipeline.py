@@ -12,7 +12,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs.multimodel import ALL_TASKS, get_config
-from mm_jax.data import layout, pipeline, tasks, tokenizer, trees
+from mm_jax import mixture
+from mm_jax.data import pipeline, tasks, tokenizer, trees
 from mm_jax.errors import ConfigError
 
 TREE = "(S (NP (DT The) (NN cat)) (VP (VBZ sits) (PP (IN on) (NP (DT the) (NN mat)))) (. .))"
@@ -230,15 +231,15 @@ def test_task_batch_sizes_follow_weights():
   config = get_config("tiny,tasks=image_classification+translate_en_de+translate_de_en")
   config.data.global_batch_size = 64
   config.data.weights.image_classification = 2.0
-  sizes = layout.task_batch_sizes(config, 8)
+  sizes = mixture.task_batch_sizes(config, 8)
   assert sizes == {"image_classification": 32, "translate_en_de": 16, "translate_de_en": 16}
-  assert layout.local_batch_sizes(config, 8, 2)["translate_en_de"] == 8
+  assert mixture.local_batch_sizes(config, 8, 2)["translate_en_de"] == 8
   config.data.global_batch_size = 16
   with pytest.raises(ConfigError, match="config.data.weights.translate_en_de"):
-    layout.task_batch_sizes(config, 8)
+    mixture.task_batch_sizes(config, 8)
   config.data.weights.translate_en_de = 0.0
   with pytest.raises(ConfigError, match="positive weight"):
-    layout.task_batch_sizes(config, 8)
+    mixture.task_batch_sizes(config, 8)
 
 
 # --- iterator state -------------------------------------------------------------------------

@@ -72,46 +72,6 @@ def text_length(config, task_name: str, field: str) -> int:
   return int(overrides.get(task_name, config.data.max_text_length))
 
 
-def task_batch_sizes(config, data_parallel: int, counts: dict[str, int] | None = None):
-  """Global per-task batch sizes: global_batch_size split by the mixing strategy's shares
-  (mixture.py), each a multiple of dp. `counts`: training examples per task, if known."""
-  from mm_jax import mixture  # noqa: PLC0415 (mixture reads counts through the pipeline)
-
-  tasks = build_tasks(config)
-  rates = mixture.rates(config, tasks, counts)
-  for name, rate in rates.items():
-    if rate <= 0:
-      raise ConfigError(
-        f"{mixture.rate_field(config, name)}={rate}: use a positive weight or drop {name} from "
-        "data.tasks"
-      )
-  total = sum(rates.values())
-  sizes = {}
-  for name in tasks:
-    share = config.data.global_batch_size * rates[name] / total
-    size = int(round(share / data_parallel)) * data_parallel
-    if size <= 0:
-      need = int(np.ceil(data_parallel * total / rates[name]))
-      raise ConfigError(
-        f"{mixture.rate_field(config, name)} gives {name} {share:.2f} examples per step, fewer "
-        f"than the data-parallel degree {data_parallel}: set config.data.global_batch_size >= "
-        f"{need}"
-      )
-    sizes[name] = size
-  return sizes
-
-
-def local_batch_sizes(config, data_parallel: int, process_count: int) -> dict[str, int]:
-  sizes = task_batch_sizes(config, data_parallel)
-  for name, size in sizes.items():
-    if size % process_count:
-      raise ConfigError(
-        f"task {name} batch {size} does not split over {process_count} processes: make "
-        "config.data.global_batch_size a multiple of the process count times the task count"
-      )
-  return {name: size // process_count for name, size in sizes.items()}
-
-
 def data_parallel_from_config(config) -> int:
   import jax
 
@@ -224,6 +184,6 @@ def _digest(settings) -> str:
   return hashlib.sha1(json.dumps(settings, default=str).encode()).hexdigest()[:16]
 
 
-def read_layout(config, data_parallel: int, process_index: int, process_count: int) -> ReadLayout:
-  batch_sizes = local_batch_sizes(config, data_parallel, process_count)
+def read_layout(config, batch_sizes, process_index: int, process_count: int) -> ReadLayout:
+  """`batch_sizes`: this process's examples per step of each task (mixture.local_batch_sizes)."""
   return ReadLayout(config, batch_sizes, process_index, process_count)

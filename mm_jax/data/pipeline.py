@@ -22,10 +22,12 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from mm_jax import mixture
 from mm_jax.data import features, layout
 from mm_jax.data import tasks as tasks_lib
 from mm_jax.data import tokenizer as tokenizer_lib
 from mm_jax.data.layout import data_root, mixture_key, tfds_data_dir  # noqa: F401 (callers' names)
+from mm_jax.data.prepare import ensure_prepared
 
 STATS = ("seen", "kept", "errors", "empty", "too_long", "truncated")
 _TOKENIZE_CHUNK = 128
@@ -52,26 +54,6 @@ def _task_seed(config, name: str, process_index: int) -> int:
 
 
 # --- reading TFDS ---------------------------------------------------------------------------
-
-
-_PREPARED: set[str] = set()  # embedded directories checked in this process
-
-
-def ensure_prepared(config) -> None:
-  """Builds the embedded mixture on first use; registers the local builders either way."""
-  from mm_jax.data import ptb  # noqa: F401  (registers mm_penn_treebank)
-
-  if config.data.mixture != "embedded":
-    return
-  from mm_jax.data import embedded
-
-  directory = tfds_data_dir(config)
-  if directory in _PREPARED:
-    return
-  names = embedded.dataset_names()
-  if not all(tfds.builder(name, data_dir=directory).is_prepared() for name in names):
-    embedded.build_all(directory, config.data.embedded_scale)
-  _PREPARED.add(directory)
 
 
 def builder(config, task: tasks_lib.Task):
@@ -403,7 +385,9 @@ class TrainIterator:
     self.tasks = tasks if tasks is not None else layout.build_tasks(config)
     if read_layout is None:
       dp = data_parallel or layout.data_parallel_from_config(config)
-      read_layout = layout.read_layout(config, dp, process_index, process_count)
+      read_layout = layout.read_layout(
+        config, mixture.local_batch_sizes(config, dp, process_count), process_index, process_count
+      )
     self.layout = read_layout
     self.process_index, self.process_count = read_layout.process_index, read_layout.process_count
     self.batch_sizes = self.layout.batch_sizes
@@ -485,7 +469,7 @@ def eval_batches(
   """
   task = layout.build_tasks(config)[task_name]
   dp = data_parallel or layout.data_parallel_from_config(config)
-  batch_size = layout.local_batch_sizes(config, dp, process_count)[task_name]
+  batch_size = mixture.local_batch_sizes(config, dp, process_count)[task_name]
   if tokenizer is None and task_name in layout.text_task_names(config):
     tokenizer = load_or_train_tokenizer(config)
   ds = eval_dataset(
