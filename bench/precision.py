@@ -70,7 +70,7 @@ def loss_table(size: str, steps: int, scalars: dict[str, dict]) -> list[str]:
 
 def eval_table(size: str, steps: int, scalars: dict[str, dict]) -> list[str]:
   final = {dtype: paper.final_eval(scalars[dtype], steps) for dtype in DTYPES}
-  tasks = sorted(set(final["float32"]) | set(final["bfloat16"]))
+  tasks = sorted((set(final["float32"]) | set(final["bfloat16"])) - {"moe"})  # metrics, not load
   lines = [f"`:{size}`, held-out at step {steps}:", ""]
   lines += ["| task | metric | float32 | bfloat16 |", "|---|---|---:|---:|"]
   for task in tasks:
@@ -119,10 +119,8 @@ def main():
     print("float32 against bfloat16 activations on this CPU (parameters and Adam stay float32)\n")
     for size in args.runs.split(","):
       curves[size] = run_pair(size, steps[size], args.eval_batches, out)
-      minutes = [paper.wall_minutes(os.path.join(out, f"{size}_{d}")) for d in DTYPES]
       print("\n".join(loss_table(size, steps[size], curves[size])))
       print("\n".join(eval_table(size, steps[size], curves[size])))
-      print(f"wall minutes, float32 / bfloat16: {minutes[0]} / {minutes[1]}\n", flush=True)
   plot(curves, os.path.join(results.RESULTS_DIR, "precision_curves.png"))
 
 
