@@ -209,9 +209,10 @@ def table(topology: str, figures: dict[str, dict]) -> list[str]:
     c = f["collectives"]
     step = f"{1e3 * f['step_s']:.1f}" if f["step_s"] > 0 else "unavailable"
     mfu = f"{f['mfu']:.1%}" if f["step_s"] > 0 else "unavailable"
+    ratio = f"{f['xla_over_model_flops']:.2f}" if "xla_over_model_flops" in f else "not kept"
     lines.append(
       f"| {row} | {f['memory']['total'] / GIB:.2f} | {f['memory']['total'] / f['hbm']:.1%} "
-      f"| {step} | {mfu} | {f.get('xla_over_model_flops', float('nan')):.2f} "
+      f"| {step} | {mfu} | {ratio} "
       f"| {c['all-gather']['bytes'] / MIB:,.0f} "
       f"| {c['all-reduce']['bytes'] / MIB:,.0f} | {c['reduce-scatter']['bytes'] / MIB:,.0f} "
       f"| {c['all-to-all']['bytes'] / MIB:,.0f} |"
