@@ -103,9 +103,11 @@ def test_the_command_runs_every_run_through_main_and_tabulates_its_event_files(
     f"--config.data.data_dir={tiny_data_dir}",
     *short_kernels.flags(),
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # The bench's recorded table goes to the test's folder, never into the checkout's bench/results.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MM_JAX_BENCH_RESULTS_DIR=str(out / "results"))
   first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert (out / "results" / "paper.md").exists()
   joint = _eval_scalars(out / "runs" / "joint", 2)
   single = _eval_scalars(out / "runs" / "single_image_classification", 2)
   assert (
