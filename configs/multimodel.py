@@ -83,7 +83,8 @@ def _model(size: str) -> ml_collections.ConfigDict:
   m.remat = "none"
   m.param_dtype = "float32"
   # The forms of every Dense and depthwise conv (mm_jax/models/blocks.py, KERNELS): "cpu" (written
-  # out for XLA:CPU), "xla" (plain, for TPUs and GPUs) or "auto" (by the run's devices).
+  # out for XLA:CPU), "xla" (plain, for GPUs), "tpu" (plain, narrow LayerNorms on full lanes) or
+  # "auto" (by the run's devices).
   m.kernels = "auto"
 
   moe = ml_collections.ConfigDict()

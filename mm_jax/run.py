@@ -101,14 +101,15 @@ def model_config(
   """config.model as the model takes it on devices of `platform` ("cpu", "tpu", "gpu"): its
   "auto" fields decided, the rest as they are.
 
-  kernels "auto": the forms written for XLA:CPU on CPUs, XLA's plain forms elsewhere
-  (models/blocks.py, KERNELS). dtype "auto": float32 activations on CPUs, bfloat16 elsewhere
+  kernels "auto": the forms written for XLA:CPU on CPUs, XLA's plain forms with lane-dense
+  narrow LayerNorms on TPUs, XLA's plain forms elsewhere (models/blocks.py, KERNELS). dtype
+  "auto": float32 activations on CPUs, bfloat16 elsewhere
   (parameters, optimizer state, softmax, router and losses stay float32 either way).
   """
   on_cpu = platform == "cpu"
   resolved = model.copy_and_resolve_references()
   if resolved.kernels == "auto":
-    resolved.kernels = "cpu" if on_cpu else "xla"
+    resolved.kernels = {"cpu": "cpu", "tpu": "tpu"}.get(platform, "xla")
   if resolved.dtype == "auto":
     resolved.dtype = "float32" if on_cpu else "bfloat16"
   return ml_collections.FrozenConfigDict(resolved)

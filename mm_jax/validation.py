@@ -20,7 +20,7 @@ _DTYPES = ("float32", "bfloat16")
 # config.model.dtype (activations) and config.model.kernels: "auto" is decided by run.build from
 # the run's devices (run.model_config).
 ACTIVATION_DTYPES = ("auto", *_DTYPES)
-KERNELS = ("auto", "cpu", "xla")
+KERNELS = ("auto", "cpu", "xla", "tpu")
 # Generators config.train.init_prng_impl may name; the first is the default.
 INIT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -173,9 +173,7 @@ FIELD_RULES: dict[str, Rule] = {
   ),
   "model.remat": _choice_of("mm_jax.models.multimodel", "REMAT_MODES"),
   "model.param_dtype": _choice(*_DTYPES),
-  "model.kernels": Rule(
-    lambda v: v in KERNELS, f"one of {KERNELS} ('auto': 'cpu' on CPUs, 'xla' on TPUs and GPUs)"
-  ),
+  "model.kernels": Rule(lambda v: v in KERNELS, f"one of {KERNELS} ('auto': by the devices)"),
   "model.moe.num_experts": POSITIVE_INT,
   "model.moe.k": POSITIVE_INT,
   "model.moe.hidden": POSITIVE_INT,

@@ -19,7 +19,7 @@ from mm_jax.models import blocks
 from mm_jax.models.multimodel import MultiModel
 from mm_jax.models.packing import Packing
 
-FORMS = blocks.KERNELS  # ("cpu", "xla")
+FORMS = blocks.KERNELS  # ("cpu", "xla", "tpu")
 
 
 def values_and_grads(module_of, variables, x, cotangent, **kwargs):
@@ -34,12 +34,18 @@ def values_and_grads(module_of, variables, x, cotangent, **kwargs):
 
 
 def assert_forms_agree(got, atol):
-  (y_cpu, g_cpu), (y_xla, g_xla) = got["cpu"], got["xla"]
-  np.testing.assert_allclose(y_cpu, y_xla, atol=atol, rtol=1e-5)
-  flat_cpu, flat_xla = jax.tree.leaves_with_path(g_cpu), jax.tree.leaves(g_xla)
-  assert len(flat_cpu) == len(flat_xla)
-  for (path, a), b in zip(flat_cpu, flat_xla):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+  """Every form's output and gradients against the "cpu" form's."""
+  y_cpu, g_cpu = got["cpu"]
+  flat_cpu = jax.tree.leaves_with_path(g_cpu)
+  for form in FORMS[1:]:
+    y, g = got[form]
+    np.testing.assert_allclose(y_cpu, y, atol=atol, rtol=1e-5, err_msg=form)
+    flat = jax.tree.leaves(g)
+    assert len(flat_cpu) == len(flat)
+    for (path, a), b in zip(flat_cpu, flat):
+      np.testing.assert_allclose(
+        a, b, atol=atol, rtol=1e-4, err_msg=f"{form} {jax.tree_util.keystr(path)}"
+      )
 
 
 @pytest.mark.parametrize("lead", [(7,), (2, 3, 5)])
@@ -81,8 +87,9 @@ def test_separable_conv_forms_agree(kernel, dilation, padding):
   variables = {
     form: nn.unbox(conv(form).init(jax.random.key(0), x)) for form in FORMS
   }  # both forms make the same parameters: a checkpoint serves either
-  assert jax.tree.structure(variables["cpu"]) == jax.tree.structure(variables["xla"])
-  jax.tree.map(np.testing.assert_array_equal, variables["cpu"], variables["xla"])
+  for form in FORMS[1:]:
+    assert jax.tree.structure(variables["cpu"]) == jax.tree.structure(variables[form])
+    jax.tree.map(np.testing.assert_array_equal, variables["cpu"], variables[form])
   got = values_and_grads(conv, variables["cpu"], x, cot)
   assert_forms_agree(got, atol=1e-4)
 
@@ -91,6 +98,44 @@ def test_separable_conv_forms_agree(kernel, dilation, padding):
   depthwise = depthwise_reference(np.asarray(x), np.asarray(params["depthwise"]), dilation, pads)
   want = depthwise @ np.asarray(params["pointwise"]["kernel"], np.float64)
   np.testing.assert_allclose(got["xla"][0], want, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 16), (3, 8, 32), (4, 4, 64), (2, 3, 128), (3, 5, 16)])
+def test_layer_norm_forms_agree_with_float64_numpy(shape):
+  """The "tpu" form's lane-dense statistics (narrow channels in whole 128-lane rows) against the
+  plain form and a float64 NumPy LayerNorm, values and gradients. The last two shapes take the
+  plain path in every form (128 channels; 15 positions of 16 channels are not whole rows)."""
+  rng = np.random.default_rng(3)
+  c = shape[-1]
+  x = rng.normal(size=shape) * 3 + rng.normal(size=c)  # an offset per channel: a mean to remove
+  cot = rng.normal(size=shape)
+  scale, bias = 1 + 0.1 * rng.normal(size=c), 0.1 * rng.normal(size=c)
+  variables = {
+    "params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  }
+  got = values_and_grads(
+    lambda k: blocks.LayerNorm(kernels=k),
+    variables,
+    jnp.asarray(x, jnp.float32),
+    jnp.asarray(cot, jnp.float32),
+  )
+  assert_forms_agree(got, atol=1e-4)
+  centred = x - x.mean(-1, keepdims=True)
+  var = np.square(centred).mean(-1, keepdims=True)
+  normalized = centred / np.sqrt(var + 1e-6)
+  for form, (y, (g_vars, g_x)) in got.items():
+    np.testing.assert_allclose(y, normalized * scale + bias, atol=2e-5, err_msg=form)
+    g_norm = cot * scale  # d/dx of LayerNorm, by hand
+    want_dx = (
+      g_norm
+      - g_norm.mean(-1, keepdims=True)
+      - normalized * (g_norm * normalized).mean(-1, keepdims=True)
+    ) / np.sqrt(var + 1e-6)
+    np.testing.assert_allclose(g_x, want_dx, atol=1e-4, err_msg=form)
+    np.testing.assert_allclose(
+      g_vars["params"]["scale"], (cot * normalized).reshape(-1, c).sum(0), rtol=1e-4, err_msg=form
+    )
+  assert blocks.lane_dense_fits(shape) == (c < 128 and np.prod(shape) % 128 == 0)
 
 
 @pytest.mark.parametrize("padding, dilation", [("causal", 2), ("same", 1)])
@@ -118,7 +163,11 @@ def test_an_unresolved_form_is_refused():
 def test_model_config_resolves_auto_by_platform():
   m = get_config("tiny").model
   assert (m.kernels, m.dtype) == ("auto", "auto")
-  for platform, want in [("cpu", ("cpu", "float32")), ("tpu", ("xla", "bfloat16"))]:
+  for platform, want in [
+    ("cpu", ("cpu", "float32")),
+    ("tpu", ("tpu", "bfloat16")),
+    ("gpu", ("xla", "bfloat16")),
+  ]:
     resolved = run.model_config(m, platform)
     assert (resolved.kernels, resolved.dtype) == want, platform
   m.kernels, m.dtype = "cpu", "bfloat16"  # explicit choices pass on every platform
@@ -141,14 +190,14 @@ def test_build_on_cpus_hands_the_model_resolved_kernels(devices, kernels, want):
   assert built.config.model.kernels == kernels  # the run's config keeps what was asked
 
 
-def test_build_for_a_tpu_slice_hands_the_model_xla_kernels_and_bfloat16():
+def test_build_for_a_tpu_slice_hands_the_model_tpu_kernels_and_bfloat16():
   """aot.py's mesh of TPU devices (described by libtpu, traced only): "auto" follows the mesh's
   devices, not the CPU this process runs on."""
   config = short_kernels.apply(get_config("tiny,tasks=translate_en_de"))
   config.mesh.data = 8
   devices = aot.slice_devices("v5e-8")
   built = run.build(config, mesh=aot.slice_mesh(config.mesh, devices, 1), check_data=False)
-  assert (built.model.config.kernels, built.model.config.dtype) == ("xla", "bfloat16")
+  assert (built.model.config.kernels, built.model.config.dtype) == ("tpu", "bfloat16")
   params = jax.tree.leaves(built.abstract_state.params)
   assert {x.dtype for x in params} == {jnp.dtype(jnp.float32)}
   opt_state = jax.tree.leaves(built.abstract_state.opt_state)
@@ -242,4 +291,7 @@ def test_whole_model_forms_agree():
     for k, model in models.items()
   }
   for name in groups:
-    np.testing.assert_allclose(logits["cpu"][name], logits["xla"][name], atol=2e-4, err_msg=name)
+    for form in FORMS[1:]:
+      np.testing.assert_allclose(
+        logits["cpu"][name], logits[form][name], atol=2e-4, err_msg=f"{form} {name}"
+      )

@@ -25,10 +25,16 @@ import numpy as np
 #   "cpu": forms written for XLA:CPU: Dense's backward written out (dense_dot) and the depthwise
 #          conv as K shifted slices multiplied and summed, with its backward written out; on CPU
 #          they beat XLA's own forms (bench/model.py measures both depthwise forms).
-#   "xla": the plain forms, left to XLA's autodiff and emitters (TPU, GPU): Dense as one dot,
+#   "xla": the plain forms, left to XLA's autodiff and emitters (GPU): Dense as one dot,
 #          the depthwise conv as one grouped conv_general_dilated.
-KERNELS = ("cpu", "xla")
-DEPTHWISE_FORM = {"cpu": "shifted", "xla": "grouped"}  # a key of DEPTHWISE, per kernels value
+#   "tpu": the plain forms, and LayerNorms over fewer than 128 channels (the image and audio
+#          nets' narrow early layers) computed on rows of 128 lanes (lane_dense_normalize):
+#          the compiler's estimate of the audio net's step on a v5p chip falls from 18.2 to
+#          10.0 ms (docs/performance.md).
+KERNELS = ("cpu", "xla", "tpu")
+# A key of DEPTHWISE, per kernels value.
+DEPTHWISE_FORM = {"cpu": "shifted", "xla": "grouped", "tpu": "grouped"}
+LANES = 128  # a TPU vector register's minor dimension
 
 EMBED_AXES = ("batch", "length", "embed")
 
@@ -177,11 +183,46 @@ def zero_padding(x, mask):
   return x if mask is None else x * mask[..., None].astype(x.dtype)
 
 
+def normalize(x32, epsilon: float):
+  """(x - mean) / sqrt(var + epsilon) over the last axis."""
+  mean = x32.mean(-1, keepdims=True)
+  centred = x32 - mean
+  return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon)
+
+
+def lane_dense_normalize(x32, epsilon: float):
+  """normalize() for c < 128 channels dividing 128: the same values, computed on rows of 128.
+
+  On a TPU the last axis lies along a vector register's 128 lanes, so a reduction over 16
+  channels works on registers 7/8 empty. Viewed as rows of 128 values, each row holds the
+  channels of 128 / c positions, and a block-diagonal averaging matrix (c x c blocks of 1 / c)
+  gives each position its own mean and variance in one small matmul, at full precision.
+  """
+  c = x32.shape[-1]
+  rows = x32.reshape(-1, LANES)
+  average = jnp.kron(jnp.eye(LANES // c, dtype=x32.dtype), jnp.full((c, c), 1.0 / c, x32.dtype))
+  highest = jax.lax.Precision.HIGHEST
+  centred = rows - jnp.dot(rows, average, precision=highest)
+  variance = jnp.dot(jnp.square(centred), average, precision=highest)
+  return (centred * jax.lax.rsqrt(variance + epsilon)).reshape(x32.shape)
+
+
+def lane_dense_fits(shape: tuple[int, ...]) -> bool:
+  """Whether lane_dense_normalize applies: fewer than 128 channels, dividing 128, whole rows."""
+  c = shape[-1]
+  return c < LANES and LANES % c == 0 and math.prod(shape) % LANES == 0
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules."""
+  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules.
+
+  `kernels` (KERNELS): "tpu" computes narrow channels' statistics on full lanes
+  (lane_dense_normalize); every other form, and every width of 128 or more, the plain way.
+  """
 
   axis_name: str = "embed"
   epsilon: float = 1e-6
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x):
@@ -193,9 +234,8 @@ class LayerNorm(nn.Module):
       "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (c,)
     )
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    lane_dense = check_kernels(self.kernels) == "tpu" and lane_dense_fits(x.shape)
+    y = (lane_dense_normalize if lane_dense else normalize)(x32, self.epsilon) * scale + bias
     return y.astype(x.dtype)
 
 
@@ -238,7 +278,7 @@ def check_kernels(kernels: str) -> str:
 class Dense(nn.Module):
   """x @ W over the last axis, with logical names for the kernel's two axes.
 
-  `kernels` (KERNELS): "cpu" multiplies through dense_dot, "xla" through a plain jnp.dot.
+  `kernels` (KERNELS): "cpu" multiplies through dense_dot, the others through a plain jnp.dot.
   """
 
   features: int
@@ -355,7 +395,7 @@ class ConvStep(nn.Module):
       self.kernels,
       name="conv",
     )(x, decode=decode, packing=packing)
-    return LayerNorm(self.channel_name, name="norm")(x)
+    return LayerNorm(self.channel_name, kernels=self.kernels, name="norm")(x)
 
 
 def residual(x, y, dropout: float, train: bool, name: str):
