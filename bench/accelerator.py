@@ -1,6 +1,7 @@
 """`:paper` on Cloud TPU slices, every accelerator choice side by side, by the TPU compiler.
 
-  python bench/accelerator.py [--proxy] [--topologies=v5p-64,v6e-64] [--rows=all]
+  python bench/accelerator.py [--proxy] [--topologies=v5p-64,v6e-32] [--rows=all]
+      [--out=accelerator_rows] [--compiled_only]
 
 Each row compiles the real train step ahead of time (mm_jax/aot.py, no TPU needed) for one slice
 with one combination of activation dtype (float32 | bfloat16), parameter layout (replicated over
@@ -13,7 +14,9 @@ A full `:paper` compile takes about 10 minutes and 13 GB of host memory on 2 CPU
 `--proxy` compiles a stand-in with the same shapes in every layer (width, heads, experts, expert
 width, batch per device, sequence lengths, every task) but one block where `:paper` has several;
 rows are chosen on the proxy and the chosen ones compiled in full (`--rows=NAME,...`). Each row
-compiles in a child process of its own, so one row's host memory is not another's.
+compiles in a child process of its own, so one row's host memory is not another's, and keeps
+its figures and HLO in --out: a later call tables them without compiling again, and
+`--compiled_only` tables what --out holds for the rows asked (the rest listed as not compiled).
 
 Writes bench/results/accelerator.md (or accelerator_proxy.md) with one header line.
 """
@@ -113,14 +116,21 @@ def _child(topology: str, row: str, proxy: bool, num_slices: int, hlo_path: str)
   return json.loads(lines[-1])
 
 
-def _row_figures(args, topology: str, row: str) -> dict:
+def _row_name(args, topology: str, row: str) -> str:
+  return f"{'proxy_' if args.proxy else ''}{topology}x{args.num_slices}_{row.replace(',', '_')}"
+
+
+def _row_figures(args, topology: str, row: str) -> dict | None:
   """One row's figures: from --out when an earlier call compiled it, else compiled now and kept
-  there (with its HLO text), so an interrupted sweep continues where it stopped."""
-  name = f"{'proxy_' if args.proxy else ''}{topology}x{args.num_slices}_{row.replace(',', '_')}"
+  there (with its HLO text), so an interrupted sweep continues where it stopped; None for a row
+  not compiled yet under --compiled_only."""
+  name = _row_name(args, topology, row)
   path = os.path.join(args.out, name + ".json")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  if args.compiled_only:
+    return None
   os.makedirs(args.out, exist_ok=True)
   hlo = os.path.join(args.out, name + ".hlo")
   figures = _child(topology, row, args.proxy, args.num_slices, hlo)
@@ -196,6 +206,67 @@ def time_by_part(hlo_text: str, depth: int = 3) -> dict[str, float]:
   return dict(sorted(((k, v / total) for k, v in parts.items()), key=lambda kv: -kv[1]))
 
 
+# The analytic FLOPs' components (mm_jax/models/flops.py) by the module path the compiler's
+# instructions carry (time_by_part at depth 3); the first match wins, REST takes the others.
+COMPONENTS = (
+  ("embed_inputs/", "input net"),
+  ("encoder/ffn", "encoder ffn"),
+  ("encoder/", "encoder convs"),
+  ("decoder/ffn", "decoder ffn"),
+  ("decoder/", "decoder attention", "/attention"),
+  ("decoder/", "decoder convs"),
+  ("mixer/", "mixer"),
+  ("language.logits", "softmax"),
+  ("decode/categorical", "classifier head"),
+)
+REST = "the update and the rest"
+
+
+def component_of(part: str) -> str:
+  for prefix, component, *inside in COMPONENTS:
+    if part.startswith(prefix) and all(s in part for s in inside):
+      return component
+  return REST
+
+
+def macs_by_component(config, topology: str) -> dict[str, int]:
+  """The analytic forward multiply-adds of one global batch by component (no compile)."""
+  from mm_jax import aot
+  from mm_jax import run as run_lib
+  from mm_jax.models import flops
+
+  mesh = aot.slice_mesh(config.mesh, aot.slice_devices(topology), 1)
+  run = run_lib.build(config, mesh=mesh, check_data=False)
+  model = run_lib.model_config(run.config.model, "tpu")
+  out: dict[str, int] = {}
+  for group in run.plan:
+    shapes = run.batch_specs[group.name]
+    parts = flops.task_forward_macs(
+      model, group.signature, shapes["inputs"].shape, shapes["targets"].shape
+    )
+    for component, macs in parts.items():
+      out[component] = out.get(component, 0) + macs
+  return out
+
+
+def components_table(hlo_text: str, macs: dict[str, int], mfu: float) -> list[str]:
+  """Each component's share of the estimated time and of the analytic FLOPs, and the MFU it
+  runs at (the step's MFU x FLOPs share / time share)."""
+  time: dict[str, float] = {}
+  for part, share in time_by_part(hlo_text, depth=3).items():
+    time[component_of(part)] = time.get(component_of(part), 0.0) + share
+  total = sum(macs.values())
+  lines = [
+    "| component | share of est. time | share of model FLOPs | its MFU (est.) |",
+    "|---|---:|---:|---:|",
+  ]
+  for component, share in sorted(time.items(), key=lambda kv: -kv[1]):
+    flops_share = macs.get(component, 0) / total
+    own = f"{mfu * flops_share / share:.0%}" if flops_share and share else "-"
+    lines.append(f"| {component} | {share:.1%} | {flops_share:.1%} | {own} |")
+  return lines
+
+
 def table(topology: str, figures: dict[str, dict]) -> list[str]:
   head = (
     "| row (dtype, layout, remat) | GiB per device | % of HBM | step (ms, est.) | MFU (est.) "
@@ -220,13 +291,33 @@ def table(topology: str, figures: dict[str, dict]) -> list[str]:
   return lines
 
 
+def _print_components(args, topology: str, figures: dict[str, dict]):
+  """Where the estimated time of the topology's fastest fitting row goes, from its kept HLO."""
+  fitting = {row: f for row, f in figures.items() if f.get("fits") and f.get("step_s", 0) > 0}
+  if not fitting:
+    return
+  row = min(fitting, key=lambda r: fitting[r]["step_s"])
+  name = _row_name(args, topology, row)
+  hlo = os.path.join(args.out, name + ".hlo")
+  if not os.path.exists(hlo):
+    return
+  with open(hlo, encoding="utf-8") as f:
+    text = f.read()
+  macs = macs_by_component(row_config(row, args.proxy), topology)
+  print(f"where the estimated time of {row} goes, by component of the analytic FLOPs:\n")
+  print("\n".join(components_table(text, macs, fitting[row]["mfu"])) + "\n", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--topologies", default="v5p-64,v6e-64")
+  parser.add_argument("--topologies", default="v5p-64,v6e-32")
   parser.add_argument("--rows", default="all", help='"all" or rows like "bf16,fsdp,block;..."')
   parser.add_argument("--proxy", action="store_true", help="one block per stack (see above)")
   parser.add_argument("--num_slices", type=int, default=1)
   parser.add_argument("--out", default="accelerator_rows", help="each row's figures and HLO")
+  parser.add_argument(
+    "--compiled_only", action="store_true", help="table the rows in --out; compile nothing"
+  )
   parser.add_argument("--name", default="", help="results file name (default by --proxy)")
   parser.add_argument("--explain_all_gathers", default="", help="an HLO file: what they gather")
   parser.add_argument("--where", default="", help="an HLO file: estimated time by model part")
@@ -253,13 +344,18 @@ def main():
   with results.recorded(name):
     print(f"{what}, {args.num_slices} slice(s); estimates of the TPU compiler (mm_jax.aot)\n")
     for topology in args.topologies.split(","):
-      figures = {}
-      for row in rows:
-        figures[row] = _row_figures(args, topology, row)
+      figures = {row: _row_figures(args, topology, row) for row in rows}
+      missing = [row for row, f in figures.items() if f is None]
+      figures = {row: f for row, f in figures.items() if f is not None}
+      if not figures:
+        continue
       first = next((f for f in figures.values() if "mesh" in f), None)
       if first:
         print(f"mesh {first['mesh']}, {first['params']:,} parameters\n")
       print("\n".join(table(topology, figures)) + "\n", flush=True)
+      if missing:
+        print(f"not compiled on {topology}: {'; '.join(missing)}\n")
+      _print_components(args, topology, figures)
 
 
 if __name__ == "__main__":
