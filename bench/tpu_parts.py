@@ -37,7 +37,7 @@ BLOCK_BATCH, LENGTH = 40, 256  # :paper's 1,280 translation examples a step over
 def estimate(module, inputs, chip: str) -> float:
   """The compiler's estimated seconds of d(sum of squared outputs)/d(parameters, first input),
   on one chip of `chip`."""
-  params = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+  params = jax.eval_shape(module.init, jax.random.key(0), *inputs)
   device = jax.sharding.SingleDeviceSharding(aot.slice_devices(chip)[0])
   placed = lambda tree: jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree
