@@ -34,9 +34,10 @@ AUDIO_BATCH, FRAMES = 8, 1600  # :paper's 256 utterances a step over 32 devices
 BLOCK_BATCH, LENGTH = 40, 256  # :paper's 1,280 translation examples a step over 32 devices
 
 
-def estimate(module, inputs, chip: str) -> float:
-  """The compiler's estimated seconds of d(sum of squared outputs)/d(parameters, first input),
-  on one chip of `chip`."""
+def estimate(module, inputs, chip: str, input_gradient: bool) -> float:
+  """The compiler's estimated seconds of d(sum of squared outputs)/d(parameters) (and d/d(first
+  input) if `input_gradient`: the body's blocks pass one back, the modality nets do not), on one
+  chip of `chip`."""
   params = jax.eval_shape(module.init, jax.random.key(0), *inputs)
   device = jax.sharding.SingleDeviceSharding(aot.slice_devices(chip)[0])
   placed = lambda tree: jax.tree.map(
@@ -48,7 +49,8 @@ def estimate(module, inputs, chip: str) -> float:
     out = out[0] if isinstance(out, tuple) else out
     return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
-  compiled = jax.jit(jax.grad(loss, (0, 1))).lower(placed(params), *placed(inputs)).compile()
+  wrt = (0, 1) if input_gradient else 0
+  compiled = jax.jit(jax.grad(loss, wrt)).lower(placed(params), *placed(inputs)).compile()
   return float(aot.cost_analysis(compiled)["optimal_seconds"])
 
 
@@ -57,14 +59,16 @@ def audio_row(m, kernels: str, stride: int, chip: str) -> tuple[float, int]:
   frames = jax.ShapeDtypeStruct((AUDIO_BATCH, FRAMES, m.audio_num_mel_bins), jnp.float32)
   mask = jax.ShapeDtypeStruct((AUDIO_BATCH, FRAMES), jnp.float32)
   macs, _ = flops.audio_net_macs(m, FRAMES, m.audio_num_mel_bins)
-  return estimate(net, (frames, mask), chip), AUDIO_BATCH * macs
+  return estimate(net, (frames, mask), chip, input_gradient=False), AUDIO_BATCH * macs
 
 
 def block_row(m, kernels: str, chip: str) -> tuple[float, int]:
   groups = (tuple(m.conv_group1), tuple(m.conv_group2))
   block = blocks.ConvBlock(groups, "same", 0.0, jnp.bfloat16, kernels)
   x = jax.ShapeDtypeStruct((BLOCK_BATCH, LENGTH, m.d), jnp.bfloat16)
-  return estimate(block, (x,), chip), BLOCK_BATCH * LENGTH * flops.conv_block_macs(m)
+  return estimate(
+    block, (x,), chip, input_gradient=True
+  ), BLOCK_BATCH * LENGTH * flops.conv_block_macs(m)
 
 
 def main():
