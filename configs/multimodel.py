@@ -83,7 +83,7 @@ def _model(size: str) -> ml_collections.ConfigDict:
   m.remat = "none"
   m.param_dtype = "float32"
   # The forms of every Dense and depthwise conv (mm_jax/models/blocks.py, KERNELS): "cpu" (written
-  # out for XLA:CPU), "xla" (plain, for GPUs), "tpu" (plain, narrow LayerNorms on full lanes) or
+  # out for XLA:CPU), "xla" (plain, for GPUs), "tpu" (plain, narrow depthwise convs shifted) or
   # "auto" (by the run's devices).
   m.kernels = "auto"
 

@@ -100,42 +100,11 @@ def test_separable_conv_forms_agree(kernel, dilation, padding):
   np.testing.assert_allclose(got["xla"][0], want, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 4, 16), (3, 8, 32), (4, 4, 64), (2, 3, 128), (3, 5, 16)])
-def test_layer_norm_forms_agree_with_float64_numpy(shape):
-  """The "tpu" form's lane-dense statistics (narrow channels in whole 128-lane rows) against the
-  plain form and a float64 NumPy LayerNorm, values and gradients. The last two shapes take the
-  plain path in every form (128 channels; 15 positions of 16 channels are not whole rows)."""
-  rng = np.random.default_rng(3)
-  c = shape[-1]
-  x = rng.normal(size=shape) * 3 + rng.normal(size=c)  # an offset per channel: a mean to remove
-  cot = rng.normal(size=shape)
-  scale, bias = 1 + 0.1 * rng.normal(size=c), 0.1 * rng.normal(size=c)
-  variables = {
-    "params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
-  }
-  got = values_and_grads(
-    lambda k: blocks.LayerNorm(kernels=k),
-    variables,
-    jnp.asarray(x, jnp.float32),
-    jnp.asarray(cot, jnp.float32),
-  )
-  assert_forms_agree(got, atol=1e-4)
-  centred = x - x.mean(-1, keepdims=True)
-  var = np.square(centred).mean(-1, keepdims=True)
-  normalized = centred / np.sqrt(var + 1e-6)
-  for form, (y, (g_vars, g_x)) in got.items():
-    np.testing.assert_allclose(y, normalized * scale + bias, atol=2e-5, err_msg=form)
-    g_norm = cot * scale  # d/dx of LayerNorm, by hand
-    want_dx = (
-      g_norm
-      - g_norm.mean(-1, keepdims=True)
-      - normalized * (g_norm * normalized).mean(-1, keepdims=True)
-    ) / np.sqrt(var + 1e-6)
-    np.testing.assert_allclose(g_x, want_dx, atol=1e-4, err_msg=form)
-    np.testing.assert_allclose(
-      g_vars["params"]["scale"], (cot * normalized).reshape(-1, c).sum(0), rtol=1e-4, err_msg=form
-    )
-  assert blocks.lane_dense_fits(shape) == (c < 128 and np.prod(shape) % 128 == 0)
+@pytest.mark.parametrize("channels, want", [(16, "shifted"), (127, "shifted"), (128, "grouped")])
+def test_tpu_form_shifts_only_narrow_depthwise_convs(channels, want):
+  assert blocks.depthwise_form("tpu", channels) == want
+  assert blocks.depthwise_form("cpu", channels) == "shifted"
+  assert blocks.depthwise_form("xla", channels) == "grouped"
 
 
 @pytest.mark.parametrize("padding, dilation", [("causal", 2), ("same", 1)])

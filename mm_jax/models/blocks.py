@@ -27,14 +27,21 @@ import numpy as np
 #          they beat XLA's own forms (bench/model.py measures both depthwise forms).
 #   "xla": the plain forms, left to XLA's autodiff and emitters (GPU): Dense as one dot,
 #          the depthwise conv as one grouped conv_general_dilated.
-#   "tpu": the plain forms, and LayerNorms over fewer than 128 channels (the image and audio
-#          nets' narrow early layers) computed on rows of 128 lanes (lane_dense_normalize):
-#          the compiler's estimate of the audio net's step on a v5p chip falls from 18.2 to
-#          10.0 ms (docs/performance.md).
+#   "tpu": the plain forms, except depthwise convs over fewer than 128 channels (the image and
+#          audio nets' narrow early layers), which take the shifted form: a grouped conv over 16
+#          channels fills a TPU vector register's 128 lanes an eighth full, and the compiler's
+#          estimate of :paper's audio net on a v5p chip is 3x shorter shifted
+#          (bench/results/tpu_parts.md).
 KERNELS = ("cpu", "xla", "tpu")
-# A key of DEPTHWISE, per kernels value.
-DEPTHWISE_FORM = {"cpu": "shifted", "xla": "grouped", "tpu": "grouped"}
 LANES = 128  # a TPU vector register's minor dimension
+
+
+def depthwise_form(kernels: str, channels: int) -> str:
+  """The key of DEPTHWISE a depthwise conv over `channels` takes in form `kernels`."""
+  if check_kernels(kernels) == "cpu" or (kernels == "tpu" and channels < LANES):
+    return "shifted"
+  return "grouped"
+
 
 EMBED_AXES = ("batch", "length", "embed")
 
@@ -183,46 +190,11 @@ def zero_padding(x, mask):
   return x if mask is None else x * mask[..., None].astype(x.dtype)
 
 
-def normalize(x32, epsilon: float):
-  """(x - mean) / sqrt(var + epsilon) over the last axis."""
-  mean = x32.mean(-1, keepdims=True)
-  centred = x32 - mean
-  return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon)
-
-
-def lane_dense_normalize(x32, epsilon: float):
-  """normalize() for c < 128 channels dividing 128: the same values, computed on rows of 128.
-
-  On a TPU the last axis lies along a vector register's 128 lanes, so a reduction over 16
-  channels works on registers 7/8 empty. Viewed as rows of 128 values, each row holds the
-  channels of 128 / c positions, and a block-diagonal averaging matrix (c x c blocks of 1 / c)
-  gives each position its own mean and variance in one small matmul, at full precision.
-  """
-  c = x32.shape[-1]
-  rows = x32.reshape(-1, LANES)
-  average = jnp.kron(jnp.eye(LANES // c, dtype=x32.dtype), jnp.full((c, c), 1.0 / c, x32.dtype))
-  highest = jax.lax.Precision.HIGHEST
-  centred = rows - jnp.dot(rows, average, precision=highest)
-  variance = jnp.dot(jnp.square(centred), average, precision=highest)
-  return (centred * jax.lax.rsqrt(variance + epsilon)).reshape(x32.shape)
-
-
-def lane_dense_fits(shape: tuple[int, ...]) -> bool:
-  """Whether lane_dense_normalize applies: fewer than 128 channels, dividing 128, whole rows."""
-  c = shape[-1]
-  return c < LANES and LANES % c == 0 and math.prod(shape) % LANES == 0
-
-
 class LayerNorm(nn.Module):
-  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules.
-
-  `kernels` (KERNELS): "tpu" computes narrow channels' statistics on full lanes
-  (lane_dense_normalize); every other form, and every width of 128 or more, the plain way.
-  """
+  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules."""
 
   axis_name: str = "embed"
   epsilon: float = 1e-6
-  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x):
@@ -234,8 +206,9 @@ class LayerNorm(nn.Module):
       "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (c,)
     )
     x32 = x.astype(jnp.float32)
-    lane_dense = check_kernels(self.kernels) == "tpu" and lane_dense_fits(x.shape)
-    y = (lane_dense_normalize if lane_dense else normalize)(x32, self.epsilon) * scale + bias
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(x.dtype)
 
 
@@ -306,7 +279,7 @@ class Dense(nn.Module):
 class SeparableConv(nn.Module):
   """Depthwise conv (per channel, dilated) followed by a pointwise projection to `features`.
 
-  `kernels` (KERNELS) picks the depthwise form (DEPTHWISE_FORM) and the projection's (Dense).
+  `kernels` (KERNELS) picks the depthwise form (depthwise_form) and the projection's (Dense).
   """
 
   features: int
@@ -338,7 +311,8 @@ class SeparableConv(nn.Module):
       pads = [(0, 0)]  # the history is exactly the causal left padding
     on_cpu = check_kernels(self.kernels) == "cpu"
     if packing is None:
-      y = DEPTHWISE[DEPTHWISE_FORM[self.kernels]](x, taps.astype(self.dtype), dilation, pads)
+      form = depthwise_form(self.kernels, x.shape[-1])
+      y = DEPTHWISE[form](x, taps.astype(self.dtype), dilation, pads)
     else:
       packed = depthwise_shifted if on_cpu else depthwise_taps
       y = packed(x, taps.astype(self.dtype), dilation, pads, packing)
@@ -395,7 +369,7 @@ class ConvStep(nn.Module):
       self.kernels,
       name="conv",
     )(x, decode=decode, packing=packing)
-    return LayerNorm(self.channel_name, kernels=self.kernels, name="norm")(x)
+    return LayerNorm(self.channel_name, name="norm")(x)
 
 
 def residual(x, y, dropout: float, train: bool, name: str):

@@ -114,7 +114,7 @@ class ConvNorm(nn.Module):
       )(x)
     else:
       y = Conv(self.features, self.kernel_size, self.strides, self.dtype, name="conv")(x)
-    return LayerNorm("channels", kernels=self.kernels, name="norm")(y)
+    return LayerNorm("channels", name="norm")(y)
 
 
 class XceptionBlock(nn.Module):
