@@ -50,7 +50,8 @@ BLOCK_FIELDS = (
 
 def row_config(row: str, proxy: bool):
   """The `:paper` config of one row, e.g. "bf16,fsdp,block"; more parts are overrides of
-  config.model, e.g. "bf16,fsdp,block,kernels=cpu" or "...,moe.group_size=1024"."""
+  config.model, e.g. "bf16,fsdp,block,kernels=cpu" or "...,moe.group_size=1024", or of
+  config.train when they start with "train.", e.g. "...,train.microbatches=2"."""
   from configs import multimodel
 
   dtype, layout, remat, *overrides = row.split(",")
@@ -61,6 +62,8 @@ def row_config(row: str, proxy: bool):
     path, value = override.split("=", 1)
     *parents, field = path.split(".")
     node = config.model
+    if parents[:1] == ["train"]:
+      node, parents = config.train, parents[1:]
     for parent in parents:
       node = node[parent]
     node[field] = type(node[field])(value)
