@@ -35,9 +35,10 @@ def _git(repo: str, *args: str) -> str:
 
 
 def commit(repo: str = _REPO) -> str:
-  """The checkout's short commit, "+changes" when tracked files differ from it."""
+  """The checkout's short commit, "+changes" when tracked files other than bench/results/ (the
+  benches' own outputs, such as a plot written before its table) differ from it."""
   name = _git(repo, "rev-parse", "--short", "HEAD") or "unknown"
-  dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+  dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
   return name + ("+changes" if dirty else "")
 
 

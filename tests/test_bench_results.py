@@ -1,6 +1,7 @@
 """bench/results.py: what a bench prints lands in bench/results/NAME.md under one header line."""
 
 import re
+import subprocess
 
 from bench import results
 
@@ -34,3 +35,24 @@ def test_a_successful_absl_exit_still_writes(tmp_path):
   except SystemExit:
     pass
   assert "done" in (tmp_path / "absl.md").read_text()
+
+
+def test_the_benches_own_outputs_do_not_count_as_changes(tmp_path):
+  """A bench that writes a tracked plot before its table still names a clean checkout's commit;
+  a changed source file does count."""
+
+  def git(*args):
+    subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+  (tmp_path / "bench" / "results").mkdir(parents=True)
+  (tmp_path / "bench" / "results" / "curves.png").write_bytes(b"old")
+  (tmp_path / "model.py").write_text("x = 1\n")
+  git("init", "-q")
+  git("add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+  clean = results.commit(str(tmp_path))
+  assert re.fullmatch(r"[0-9a-f]{7,}", clean), clean
+  (tmp_path / "bench" / "results" / "curves.png").write_bytes(b"new")
+  assert results.commit(str(tmp_path)) == clean
+  (tmp_path / "model.py").write_text("x = 2\n")
+  assert results.commit(str(tmp_path)) == clean + "+changes"
