@@ -308,7 +308,13 @@ def _print_components(args, topology: str, figures: dict[str, dict]):
     text = f.read()
   macs = macs_by_component(row_config(row, args.proxy), topology)
   print(f"where the estimated time of {row} goes, by component of the analytic FLOPs:\n")
-  print("\n".join(components_table(text, macs, fitting[row]["mfu"])) + "\n", flush=True)
+  print("\n".join(components_table(text, macs, fitting[row]["mfu"])))
+  print(
+    "\nShares of time come from the compiler's estimated cycles per instruction, attributed by\n"
+    "op name; a component's MFU above 100% marks instructions it estimates faster than their\n"
+    "FLOPs at peak (the output softmax's backward), not a real speed.\n",
+    flush=True,
+  )
 
 
 def main():
