@@ -240,16 +240,7 @@ def macs_by_component(config, topology: str) -> dict[str, int]:
 
   mesh = aot.slice_mesh(config.mesh, aot.slice_devices(topology), 1)
   run = run_lib.build(config, mesh=mesh, check_data=False)
-  model = run_lib.model_config(run.config.model, "tpu")
-  out: dict[str, int] = {}
-  for group in run.plan:
-    shapes = run.batch_specs[group.name]
-    parts = flops.task_forward_macs(
-      model, group.signature, shapes["inputs"].shape, shapes["targets"].shape
-    )
-    for component, macs in parts.items():
-      out[component] = out.get(component, 0) + macs
-  return out
+  return flops.step_macs_by_component(run.model.config, run.plan, run.batch_specs)
 
 
 def components_table(hlo_text: str, macs: dict[str, int], mfu: float) -> list[str]:
@@ -257,7 +248,8 @@ def components_table(hlo_text: str, macs: dict[str, int], mfu: float) -> list[st
   runs at (the step's MFU x FLOPs share / time share)."""
   time: dict[str, float] = {}
   for part, share in time_by_part(hlo_text, depth=3).items():
-    time[component_of(part)] = time.get(component_of(part), 0.0) + share
+    component = component_of(part)
+    time[component] = time.get(component, 0.0) + share
   total = sum(macs.values())
   lines = [
     "| component | share of est. time | share of model FLOPs | its MFU (est.) |",

@@ -95,3 +95,20 @@ def test_train_flops_and_moe_count_by_hand():
   m = get_config("tiny").model  # d 32, 4 experts, k 2, hidden 64, noisy gating
   assert flops.ffn_macs(m) == 2 * (32 * 64 + 64 * 32) + 2 * 32 * 4
   assert flops.train_flops(10) == 60
+
+
+def test_step_macs_by_component_sum_to_the_step_macs():
+  """The same step counted per task group and per component: the same multiply-adds, and each
+  component the sum of its task groups' counts."""
+  built = run.build(get_config("tiny"), jax.devices()[:1], check_data=False)
+  m, plan, shapes = built.model.config, built.plan, built.batch_specs
+  by_group = flops.step_macs(m, plan, shapes)
+  by_component = flops.step_macs_by_component(m, plan, shapes)
+  assert sum(by_component.values()) == sum(by_group.values())
+  softmax = sum(
+    flops.task_forward_macs(
+      m, g.signature, shapes[g.name]["inputs"].shape, shapes[g.name]["targets"].shape
+    ).get("softmax", 0)
+    for g in plan
+  )
+  assert by_component["softmax"] == softmax > 0

@@ -163,3 +163,17 @@ def step_macs(model_config, plan, batch_shapes) -> dict[str, int]:
     )
     for group in plan
   }
+
+
+def step_macs_by_component(model_config, plan, batch_shapes) -> dict[str, int]:
+  """Forward multiply-adds of one step summed over its task groups by component ("encoder
+  convs", "softmax", ...: the keys of task_forward_macs)."""
+  out: dict[str, int] = {}
+  for group in plan:
+    shapes = batch_shapes[group.name]
+    parts = task_forward_macs(
+      model_config, group.signature, shapes["inputs"].shape, shapes["targets"].shape
+    )
+    for component, macs in parts.items():
+      out[component] = out.get(component, 0) + macs
+  return out
