@@ -167,7 +167,7 @@ def main():
   for kernel, dilation, times in depthwise_rows(shape, args.repeats):
     cells = "".join(f"{1e3 * times[n]:>10.1f} ({times[n] / times['shifted']:.2f}x)" for n in names)
     print(f"{kernel:>7}{dilation:>9}{cells}")
-  uses = {k: blocks.depthwise_form(k, shape[-1]) for k in blocks.KERNELS}
+  uses = {k: blocks.depthwise_form(k) for k in blocks.KERNELS}
   print(f"model uses at {shape[-1]} channels: {uses}")
 
 

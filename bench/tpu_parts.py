@@ -8,13 +8,15 @@ it implies (analytic FLOPs, mm_jax/models/flops.py, backward = 2x forward):
 - the audio net (1,600 frames x 80 mel bins, 8 utterances) in each kernels form and at audio stem
   strides 1 (`:paper`) and 2: with 16 and 32 channels and every bin kept, its LayerNorms and
   depthwise taps fill a TPU's 128 lanes an eighth or a quarter full;
-- one encoder ConvBlock (d=1536, 40 x 256 tokens): four separable convolutions, each one d x d
-  matmul among memory-bound passes (ReLU, mask, depthwise taps, LayerNorm), in each form.
+- one encoder ConvBlock (d=1536, 40 sequences of 256 tokens, packed end to end as :paper's body
+  runs them): four separable convolutions, each one d x d matmul among memory-bound passes (ReLU,
+  mask, depthwise taps, LayerNorm), in each form.
 Each compile takes about a minute on one CPU core. Every figure is an estimate of the compiler's,
 not a measurement on a TPU. Writes bench/results/tpu_parts.md.
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -29,23 +31,24 @@ from bench import results  # noqa: E402
 from configs import multimodel  # noqa: E402
 from mm_jax import aot  # noqa: E402
 from mm_jax.models import blocks, flops, modalities  # noqa: E402
+from mm_jax.models.packing import Packing  # noqa: E402
 
 AUDIO_BATCH, FRAMES = 8, 1600  # :paper's 256 utterances a step over 32 devices
 BLOCK_BATCH, LENGTH = 40, 256  # :paper's 1,280 translation examples a step over 32 devices
 
 
-def estimate(module, inputs, chip: str, input_gradient: bool) -> float:
+def estimate(module, inputs, chip: str, input_gradient: bool, **kwargs) -> float:
   """The compiler's estimated seconds of d(sum of squared outputs)/d(parameters) (and d/d(first
   input) if `input_gradient`: the body's blocks pass one back, the modality nets do not), on one
-  chip of `chip`."""
-  params = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+  chip of `chip`; `kwargs` go to the module's call."""
+  params = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *inputs)
   device = jax.sharding.SingleDeviceSharding(aot.slice_devices(chip)[0])
   placed = lambda tree: jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree
   )
 
   def loss(params, first, *rest):
-    out = module.apply(params, first, *rest)
+    out = module.apply(params, first, *rest, **kwargs)
     out = out[0] if isinstance(out, tuple) else out
     return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
@@ -65,10 +68,10 @@ def audio_row(m, kernels: str, stride: int, chip: str) -> tuple[float, int]:
 def block_row(m, kernels: str, chip: str) -> tuple[float, int]:
   groups = (tuple(m.conv_group1), tuple(m.conv_group2))
   block = blocks.ConvBlock(groups, "same", 0.0, jnp.bfloat16, kernels)
-  x = jax.ShapeDtypeStruct((BLOCK_BATCH, LENGTH, m.d), jnp.bfloat16)
-  return estimate(
-    block, (x,), chip, input_gradient=True
-  ), BLOCK_BATCH * LENGTH * flops.conv_block_macs(m)
+  packing = Packing.of([(BLOCK_BATCH, LENGTH)])
+  x = jax.ShapeDtypeStruct((packing.rows, packing.tokens, m.d), jnp.bfloat16)
+  seconds = estimate(block, (x,), chip, input_gradient=True, packing=packing)
+  return seconds, BLOCK_BATCH * LENGTH * flops.conv_block_macs(m)
 
 
 def main():

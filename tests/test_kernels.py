@@ -100,11 +100,12 @@ def test_separable_conv_forms_agree(kernel, dilation, padding):
   np.testing.assert_allclose(got["xla"][0], want, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, want", [(16, "shifted"), (127, "shifted"), (128, "grouped")])
-def test_tpu_form_shifts_only_narrow_depthwise_convs(channels, want):
-  assert blocks.depthwise_form("tpu", channels) == want
-  assert blocks.depthwise_form("cpu", channels) == "shifted"
-  assert blocks.depthwise_form("xla", channels) == "grouped"
+def test_only_the_xla_form_convolves_depthwise_grouped():
+  assert blocks.depthwise_form("tpu") == "shifted"
+  assert blocks.depthwise_form("cpu") == "shifted"
+  assert blocks.depthwise_form("xla") == "grouped"
+  with pytest.raises(ValueError, match="kernels='auto'"):
+    blocks.depthwise_form("auto")
 
 
 @pytest.mark.parametrize("padding, dilation", [("causal", 2), ("same", 1)])

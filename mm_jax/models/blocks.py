@@ -26,21 +26,18 @@ import numpy as np
 #          conv as K shifted slices multiplied and summed, with its backward written out; on CPU
 #          they beat XLA's own forms (bench/model.py measures both depthwise forms).
 #   "xla": the plain forms, left to XLA's autodiff and emitters (GPU): Dense as one dot,
-#          the depthwise conv as one grouped conv_general_dilated.
-#   "tpu": the plain forms, except depthwise convs over fewer than 128 channels (the image and
-#          audio nets' narrow early layers), which take the shifted form: a grouped conv over 16
-#          channels fills a TPU vector register's 128 lanes an eighth full, and the compiler's
-#          estimate of :paper's audio net on a v5p chip is 3x shorter shifted
-#          (bench/results/tpu_parts.md).
+#          the depthwise conv as one grouped conv_general_dilated (packed: the shifted slices
+#          under autodiff, depthwise_taps).
+#   "tpu": Dense as one plain dot, the depthwise conv shifted. A grouped conv fills a TPU vector
+#          register's 128 lanes an eighth full over the audio net's 16 channels, and even at the
+#          body's width the TPU compiler estimates an encoder ConvBlock about a sixth shorter
+#          shifted than grouped or under autodiff (bench/results/tpu_parts.md).
 KERNELS = ("cpu", "xla", "tpu")
-LANES = 128  # a TPU vector register's minor dimension
 
 
-def depthwise_form(kernels: str, channels: int) -> str:
-  """The key of DEPTHWISE a depthwise conv over `channels` takes in form `kernels`."""
-  if check_kernels(kernels) == "cpu" or (kernels == "tpu" and channels < LANES):
-    return "shifted"
-  return "grouped"
+def depthwise_form(kernels: str) -> str:
+  """The key of DEPTHWISE a (not packed) depthwise conv takes in form `kernels`."""
+  return "grouped" if check_kernels(kernels) == "xla" else "shifted"
 
 
 EMBED_AXES = ("batch", "length", "embed")
@@ -191,7 +188,14 @@ def zero_padding(x, mask):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules."""
+  """LayerNorm over channels with float32 statistics, parameters named for the sharding rules.
+
+  The variance is E[x^2] - E[x]^2, both means taken in one pass over x (as flax's own LayerNorm
+  does by default): a second pass over x - mean is one more read of every activation, forward and
+  backward, and the TPU compiler estimates the body's ConvBlock about 5% longer with it
+  (bench/results/tpu_parts.md). float32 statistics keep the cancellation small at the scale
+  of activations.
+  """
 
   axis_name: str = "embed"
   epsilon: float = 1e-6
@@ -207,7 +211,7 @@ class LayerNorm(nn.Module):
     )
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(x.dtype)
 
@@ -309,12 +313,10 @@ class SeparableConv(nn.Module):
     if decode:
       x = self._with_history(x, dilation)
       pads = [(0, 0)]  # the history is exactly the causal left padding
-    on_cpu = check_kernels(self.kernels) == "cpu"
     if packing is None:
-      form = depthwise_form(self.kernels, x.shape[-1])
-      y = DEPTHWISE[form](x, taps.astype(self.dtype), dilation, pads)
+      y = DEPTHWISE[depthwise_form(self.kernels)](x, taps.astype(self.dtype), dilation, pads)
     else:
-      packed = depthwise_shifted if on_cpu else depthwise_taps
+      packed = depthwise_taps if depthwise_form(self.kernels) == "grouped" else depthwise_shifted
       y = packed(x, taps.astype(self.dtype), dilation, pads, packing)
     return Dense(
       self.features,
