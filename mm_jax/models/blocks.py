@@ -190,11 +190,10 @@ def zero_padding(x, mask):
 class LayerNorm(nn.Module):
   """LayerNorm over channels with float32 statistics, parameters named for the sharding rules.
 
-  The variance is E[x^2] - E[x]^2, both means taken in one pass over x (as flax's own LayerNorm
-  does by default): a second pass over x - mean is one more read of every activation, forward and
-  backward, and the TPU compiler estimates the body's ConvBlock about 5% longer with it
-  (bench/results/tpu_parts.md). float32 statistics keep the cancellation small at the scale
-  of activations.
+  The variance is E[x^2] - E[x]^2, both means taken in one pass over x, as flax's own LayerNorm
+  does by default: a second pass over x - mean would read every activation once more, forward and
+  backward, and the body's memory-bound passes are what bound its speed on a TPU
+  (docs/performance.md). float32 statistics keep the cancellation small at activations' scale.
   """
 
   axis_name: str = "embed"
