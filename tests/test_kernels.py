@@ -100,6 +100,22 @@ def test_separable_conv_forms_agree(kernel, dilation, padding):
   np.testing.assert_allclose(got["xla"][0], want, atol=1e-4)
 
 
+def test_layer_norm_forms_agree_with_float64_numpy():
+  # Channels with a mean well away from zero: where a one-pass variance rounds most.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3.0 + rng.normal(size=(4, 7, 24)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  variables = {"params": {"scale": jnp.linspace(0.5, 1.5, 24), "bias": jnp.linspace(-1, 1, 24)}}
+  got = values_and_grads(lambda k: blocks.LayerNorm(kernels=k), variables, x, cot)
+  assert_forms_agree(got, atol=1e-5)
+
+  x64 = np.asarray(x, np.float64)
+  centred = x64 - x64.mean(-1, keepdims=True)
+  want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
+  want = want * np.asarray(variables["params"]["scale"]) + np.asarray(variables["params"]["bias"])
+  np.testing.assert_allclose(got["tpu"][0], want, atol=1e-5)
+
+
 def test_only_the_xla_form_convolves_depthwise_grouped():
   assert blocks.depthwise_form("tpu") == "shifted"
   assert blocks.depthwise_form("cpu") == "shifted"

@@ -190,14 +190,17 @@ def zero_padding(x, mask):
 class LayerNorm(nn.Module):
   """LayerNorm over channels with float32 statistics, parameters named for the sharding rules.
 
-  The variance is E[x^2] - E[x]^2, both means taken in one pass over x, as flax's own LayerNorm
-  does by default: a second pass over x - mean would read every activation once more, forward and
-  backward, and the body's memory-bound passes are what bound its speed on a TPU
-  (docs/performance.md). float32 statistics keep the cancellation small at activations' scale.
+  `kernels` (KERNELS) picks how the variance is taken. "cpu": as the mean of (x - mean)^2, a
+  second pass over x. The others: as E[x^2] - E[x]^2, both means from one pass, as flax's own
+  LayerNorm does by default: one read of every activation fewer, forward and backward, where the
+  body's memory-bound passes bound its speed (docs/performance.md). The one-pass form rounds a
+  little more where a channel's mean is large against its spread, which is why the CPU forms
+  that tests compare runs with keep the two-pass one.
   """
 
   axis_name: str = "embed"
   epsilon: float = 1e-6
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x):
@@ -210,7 +213,10 @@ class LayerNorm(nn.Module):
     )
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
-    var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    if check_kernels(self.kernels) == "cpu":
+      var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    else:
+      var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(x.dtype)
 
@@ -370,13 +376,13 @@ class ConvStep(nn.Module):
       self.kernels,
       name="conv",
     )(x, decode=decode, packing=packing)
-    return LayerNorm(self.channel_name, name="norm")(x)
+    return LayerNorm(self.channel_name, kernels=self.kernels, name="norm")(x)
 
 
-def residual(x, y, dropout: float, train: bool, name: str):
+def residual(x, y, dropout: float, train: bool, kernels: str, name: str):
   """LayerNorm(x + dropout(y)): every residual branch in the body joins the stream this way."""
   y = nn.Dropout(dropout, deterministic=not train)(y)
-  return LayerNorm(name=name)(x + y)
+  return LayerNorm(kernels=kernels, name=name)(x + y)
 
 
 class ConvBlock(nn.Module):
@@ -403,7 +409,7 @@ class ConvBlock(nn.Module):
           kernels=self.kernels,
           name=f"group{g}_step{s}",
         )(y, mask, decode=decode, packing=packing)
-      x = residual(x, y, self.dropout, train, f"group{g}_norm")
+      x = residual(x, y, self.dropout, train, self.kernels, f"group{g}_norm")
       x = nn.with_logical_constraint(x, EMBED_AXES)
     return x
 
@@ -537,5 +543,5 @@ class AttentionBlock(nn.Module):
     y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(
       q, memory, memory_mask, decode=decode, packing=packing
     )
-    x = residual(x, y, self.dropout, train, "norm")
+    x = residual(x, y, self.dropout, train, self.kernels, "norm")
     return nn.with_logical_constraint(x, EMBED_AXES)

@@ -100,7 +100,7 @@ class ConvNorm(nn.Module):
   strides: tuple[int, int] = (1, 1)
   first_relu: bool = True
   dtype: jnp.dtype = jnp.float32
-  kernels: str = "cpu"  # blocks.KERNELS: the 1x1 conv's Dense form
+  kernels: str = "cpu"  # blocks.KERNELS: the 1x1 conv's Dense form and the LayerNorm's
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -114,7 +114,7 @@ class ConvNorm(nn.Module):
       )(x)
     else:
       y = Conv(self.features, self.kernel_size, self.strides, self.dtype, name="conv")(x)
-    return LayerNorm("channels", name="norm")(y)
+    return LayerNorm("channels", kernels=self.kernels, name="norm")(y)
 
 
 class XceptionBlock(nn.Module):
@@ -163,8 +163,9 @@ class ImageModality(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    x = ConvNorm(32, (3, 3), (2, 2), first_relu=False, dtype=self.dtype, name="stem0")(images)
-    x = ConvNorm(64, (3, 3), dtype=self.dtype, name="stem1")(x)
+    stem = functools.partial(ConvNorm, dtype=self.dtype, kernels=self.kernels)
+    x = stem(32, (3, 3), (2, 2), first_relu=False, name="stem0")(images)
+    x = stem(64, (3, 3), name="stem1")(x)
     widths = (min(128, self.d), min(256, self.d), self.d)
     for i, width in enumerate(widths):
       x, _ = XceptionBlock(width, (2, 2), i == 0, self.dtype, self.kernels, name=f"block{i}")(x)
@@ -201,9 +202,8 @@ class AudioModality(nn.Module):
     # rank one, and the LayerNorm after it would squash each position to little more than a sign.
     widths = audio_widths(self.d, self.num_blocks)
     strides = (self.stem_stride, 1)
-    x = ConvNorm(widths[0], (3, 3), strides, first_relu=False, dtype=self.dtype, name="stem")(
-      frames[..., None], mask[:, :, None]
-    )
+    stem = ConvNorm(widths[0], (3, 3), strides, False, self.dtype, self.kernels, name="stem")
+    x = stem(frames[..., None], mask[:, :, None])
     mask = strided_mask(mask, (self.stem_stride,))
     for i, width in enumerate(widths):
       x, mask = XceptionBlock(width, (2, 1), True, self.dtype, self.kernels, name=f"block{i}")(
@@ -214,7 +214,7 @@ class AudioModality(nn.Module):
     x = Dense(
       self.d, ("channels", "embed"), dtype=self.dtype, kernels=self.kernels, name="project"
     )(x.reshape(b, t, f * c))
-    x = zero_padding(LayerNorm(name="norm")(x), mask)
+    x = zero_padding(LayerNorm(kernels=self.kernels, name="norm")(x), mask)
     return nn.with_logical_constraint(x, EMBED_AXES), mask
 
 

@@ -96,7 +96,7 @@ class FFNLayer(nn.Module):
   def setup(self):
     self.ffn = make_ffn(self.config)
     self.dropout = nn.Dropout(self.config.dropout)
-    self.norm = LayerNorm()
+    self.norm = LayerNorm(kernels=_kernels(self.config))
 
   def __call__(self, x, mask, *, train: bool, tasks=None):
     y, aux = self.ffn(x, mask, train=train, tasks=tasks)
