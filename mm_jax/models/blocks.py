@@ -30,8 +30,9 @@ import numpy as np
 #          under autodiff, depthwise_taps).
 #   "tpu": Dense as one plain dot, the depthwise conv shifted. A grouped conv fills a TPU vector
 #          register's 128 lanes an eighth full over the audio net's 16 channels, and even at the
-#          body's width the TPU compiler estimates an encoder ConvBlock about a sixth shorter
-#          shifted than grouped or under autodiff (bench/results/tpu_parts.md).
+#          body's width the TPU compiler estimates an encoder ConvBlock shorter shifted than
+#          grouped or under autodiff, packed by about a fifth (bench/results/tpu_parts.md).
+# Every form but "cpu" also takes LayerNorm's variance in one pass (LayerNorm).
 KERNELS = ("cpu", "xla", "tpu")
 
 
