@@ -82,9 +82,9 @@ def _model(size: str) -> ml_collections.ConfigDict:
   # "none" | "block" (all but the block's inputs) | "dots" (all but its matmul outputs).
   m.remat = "none"
   m.param_dtype = "float32"
-  # The forms of every Dense and depthwise conv (mm_jax/models/blocks.py, KERNELS): "cpu" (written
-  # out for XLA:CPU), "xla" (plain, for GPUs), "tpu" (plain, narrow depthwise convs shifted) or
-  # "auto" (by the run's devices).
+  # The forms of every Dense, depthwise conv and LayerNorm (mm_jax/models/blocks.py, KERNELS):
+  # "cpu" (written out for XLA:CPU), "xla" (plain, for GPUs), "tpu" (plain dots, depthwise convs
+  # shifted) or "auto" (by the run's devices).
   m.kernels = "auto"
 
   moe = ml_collections.ConfigDict()

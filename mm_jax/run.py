@@ -101,8 +101,8 @@ def model_config(
   """config.model as the model takes it on devices of `platform` ("cpu", "tpu", "gpu"): its
   "auto" fields decided, the rest as they are.
 
-  kernels "auto": the forms written for XLA:CPU on CPUs, XLA's plain forms with narrow
-  depthwise convs shifted on TPUs, XLA's plain forms elsewhere (models/blocks.py, KERNELS). dtype
+  kernels "auto": the forms written for XLA:CPU on CPUs, plain dots with shifted depthwise
+  convs on TPUs, XLA's plain forms elsewhere (models/blocks.py, KERNELS). dtype
   "auto": float32 activations on CPUs, bfloat16 elsewhere
   (parameters, optimizer state, softmax, router and losses stay float32 either way).
   """
