@@ -9,8 +9,8 @@ it implies (analytic FLOPs, mm_jax/models/flops.py, backward = 2x forward):
   strides 1 (`:paper`) and 2: with 16 and 32 channels and every bin kept, its LayerNorms and
   depthwise taps fill a TPU's 128 lanes an eighth or a quarter full;
 - one encoder ConvBlock (d=1536, 40 sequences of 256 tokens) through the packed path :paper's
-  body takes (packing.Packing: taps masked at sequence ends): four separable convolutions, each one d x d matmul among memory-bound passes (ReLU,
-  mask, depthwise taps, LayerNorm), in each form.
+  body takes (packing.Packing: taps masked at sequence ends): four separable convolutions, each
+  one d x d matmul among memory-bound passes (ReLU, mask, depthwise taps, LayerNorm), per form.
 Each compile takes about a minute on one CPU core. Every figure is an estimate of the compiler's,
 not a measurement on a TPU. Writes bench/results/tpu_parts.md.
 """
