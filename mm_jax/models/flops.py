@@ -149,19 +149,23 @@ def train_flops(macs: int) -> int:
   return 3 * 2 * macs
 
 
+def _group_parts(model_config, plan, batch_shapes):
+  """(group name, its forward multiply-adds by component) for every task group of one step."""
+  for group in plan:
+    shapes = batch_shapes[group.name]
+    yield (
+      group.name,
+      task_forward_macs(
+        model_config, group.signature, shapes["inputs"].shape, shapes["targets"].shape
+      ),
+    )
+
+
 def step_macs(model_config, plan, batch_shapes) -> dict[str, int]:
   """Forward multiply-adds per task group of one step: `plan` (grouping.Group per group) and
   `batch_shapes` ({group: {key: array or ShapeDtypeStruct}}, the step's global batch)."""
   return {
-    group.name: sum(
-      task_forward_macs(
-        model_config,
-        group.signature,
-        batch_shapes[group.name]["inputs"].shape,
-        batch_shapes[group.name]["targets"].shape,
-      ).values()
-    )
-    for group in plan
+    name: sum(parts.values()) for name, parts in _group_parts(model_config, plan, batch_shapes)
   }
 
 
@@ -169,11 +173,7 @@ def step_macs_by_component(model_config, plan, batch_shapes) -> dict[str, int]:
   """Forward multiply-adds of one step summed over its task groups by component ("encoder
   convs", "softmax", ...: the keys of task_forward_macs)."""
   out: dict[str, int] = {}
-  for group in plan:
-    shapes = batch_shapes[group.name]
-    parts = task_forward_macs(
-      model_config, group.signature, shapes["inputs"].shape, shapes["targets"].shape
-    )
+  for _, parts in _group_parts(model_config, plan, batch_shapes):
     for component, macs in parts.items():
       out[component] = out.get(component, 0) + macs
   return out

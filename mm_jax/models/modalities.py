@@ -202,7 +202,15 @@ class AudioModality(nn.Module):
     # rank one, and the LayerNorm after it would squash each position to little more than a sign.
     widths = audio_widths(self.d, self.num_blocks)
     strides = (self.stem_stride, 1)
-    stem = ConvNorm(widths[0], (3, 3), strides, False, self.dtype, self.kernels, name="stem")
+    stem = ConvNorm(
+      widths[0],
+      (3, 3),
+      strides,
+      first_relu=False,
+      dtype=self.dtype,
+      kernels=self.kernels,
+      name="stem",
+    )
     x = stem(frames[..., None], mask[:, :, None])
     mask = strided_mask(mask, (self.stem_stride,))
     for i, width in enumerate(widths):
